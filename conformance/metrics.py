@@ -1,0 +1,75 @@
+"""One comparison of one tensor against its reference, under the tolerance policy."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..spec.tolerance import METRICS, bound
+
+
+@dataclass(frozen=True)
+class Check:
+    case: str          # e.g. "test-mini/seed0/B2xT48"
+    subject: str       # "torch" (against the reference) or "torch~mlx" (pairwise)
+    device: str
+    dtype: str
+    quantity: str      # logits | loss | grads
+    tensor: str        # "logits", "loss" or a parameter name
+    rel_l2: float
+    rel_max: float
+    max_abs: float
+    bound_l2: float
+    bound_max: float
+    note: str = ""     # why it failed, when not (only) a number: NaN, missing tensor, ...
+
+    @property
+    def ok(self) -> bool:
+        return not self.note and self.rel_l2 <= self.bound_l2 and self.rel_max <= self.bound_max
+
+    @property
+    def worst_ratio(self) -> float:
+        """Error over bound for the tighter metric: <= 1 passes."""
+        if self.note:
+            return math.inf
+        return max(self.rel_l2 / self.bound_l2, self.rel_max / self.bound_max)
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), ok=self.ok, worst_ratio=self.worst_ratio)
+
+
+def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    """(rel_l2, rel_max, max_abs) of x against ref, in float64. A zero reference needs a zero x."""
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    diff = x - ref
+    max_abs = float(np.abs(diff).max(initial=0.0))
+    ref_l2, ref_max = float(np.linalg.norm(ref)), float(np.abs(ref).max(initial=0.0))
+    rel_l2 = float(np.linalg.norm(diff)) / ref_l2 if ref_l2 else (0.0 if max_abs == 0 else math.inf)
+    rel_max = max_abs / ref_max if ref_max else (0.0 if max_abs == 0 else math.inf)
+    return rel_l2, rel_max, max_abs
+
+
+def compare(
+    x, ref, *, case: str, subject: str, device: str, dtype: str, quantity: str, tensor: str,
+    pairwise: bool = False, names: tuple[str, str] = ("backend", "reference"),
+) -> Check:
+    """Check x against ref. NaN or Inf on either side fails, with a note naming the side."""
+    b_l2, b_max = (bound(dtype, quantity, m, pairwise) for m in METRICS)
+    fields = dict(case=case, subject=subject, device=device, dtype=dtype, quantity=quantity,
+                  tensor=tensor, bound_l2=b_l2, bound_max=b_max)
+    nan = math.nan
+    if x is None or ref is None:
+        missing = names[0] if x is None else names[1]
+        return Check(**fields, rel_l2=nan, rel_max=nan, max_abs=nan, note=f"missing from {missing}")
+    x, ref = np.asarray(x), np.asarray(ref)
+    if x.shape != ref.shape:
+        return Check(**fields, rel_l2=nan, rel_max=nan, max_abs=nan,
+                     note=f"shape {x.shape} from {names[0]}, {ref.shape} from {names[1]}")
+    for side, arr in zip(names, (x, ref)):
+        if not np.isfinite(arr).all():
+            kind = "NaN" if np.isnan(arr).any() else "Inf"
+            return Check(**fields, rel_l2=nan, rel_max=nan, max_abs=nan, note=f"{kind} in {side}")
+    rel_l2, rel_max, max_abs = errors(x, ref)
+    return Check(**fields, rel_l2=rel_l2, rel_max=rel_max, max_abs=max_abs)

@@ -1,0 +1,143 @@
+"""Input checks shared by the reference and every backend.
+
+Backends call these with plain Python facts about their own arrays (shape,
+whether the dtype is an integer, min and max), so the rules and the wording
+of every message live here once.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from .config import ModelSpec
+from .errors import BackendError, InputError, WeightsError
+from .params import param_shapes
+
+# The target value that SPEC.md's loss skips (same as torch and Hugging Face).
+IGNORE_INDEX = -100
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+}
+
+
+def canonical_dtype(dtype) -> str:
+    """'bf16', torch.bfloat16, mx.bfloat16, dtypes.bfloat16 ... -> 'bfloat16'."""
+    key = str(dtype).lower().rsplit(".", 1)[-1]
+    try:
+        return _DTYPE_ALIASES[key]
+    except KeyError:
+        raise BackendError(
+            f"unknown dtype {dtype!r}; the spec defines {', '.join(DTYPES)}"
+        ) from None
+
+
+def check_dtype(dtype, supported: Iterable[str], where: str) -> str:
+    name = canonical_dtype(dtype)
+    supported = tuple(supported)
+    if name not in supported:
+        raise BackendError(f"{where} cannot run {name}; it supports {', '.join(supported)}")
+    return name
+
+
+def check_tokens(
+    spec: ModelSpec, shape: Sequence[int], is_integer: bool, lo: int | None, hi: int | None,
+    name: str = "tokens",
+) -> None:
+    """tokens: (B, T) integers in [0, vocab_size) with 1 <= T <= n_positions."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 2:
+        raise InputError(f"{name} must have shape (B, T), got shape {shape}")
+    if not is_integer:
+        raise InputError(f"{name} must be an integer array, got a non-integer dtype")
+    B, T = shape
+    if B < 1 or T < 1:
+        raise InputError(f"{name} must be non-empty, got shape {shape}")
+    if T > spec.n_positions:
+        raise InputError(
+            f"{name} has length T={T}, longer than the context length n_positions={spec.n_positions}"
+        )
+    if lo < 0 or hi >= spec.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(
+            f"{name} holds id {bad}, outside the vocabulary [0, {spec.vocab_size})"
+        )
+
+
+def check_targets(
+    spec: ModelSpec, tokens_shape: Sequence[int], shape: Sequence[int], is_integer: bool,
+    n_counted: int, lo: int, hi: int,
+) -> None:
+    """targets: tokens' shape, ids in [0, vocab_size) or IGNORE_INDEX, at least one counted.
+
+    n_counted, lo and hi are the count, min and max of the targets that are not IGNORE_INDEX.
+    """
+    shape, tokens_shape = tuple(int(d) for d in shape), tuple(int(d) for d in tokens_shape)
+    if shape != tokens_shape:
+        raise InputError(f"targets must have the shape of tokens {tokens_shape}, got {shape}")
+    if not is_integer:
+        raise InputError("targets must be an integer array, got a non-integer dtype")
+    if n_counted == 0:
+        raise InputError(
+            f"every target equals the ignore index {IGNORE_INDEX}: the mean over zero targets is undefined"
+        )
+    if lo < 0 or hi >= spec.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(
+            f"targets hold id {bad}, neither in [0, {spec.vocab_size}) nor the ignore index {IGNORE_INDEX}"
+        )
+
+
+def check_targets_array(spec: ModelSpec, tokens_shape, targets) -> None:
+    import numpy as np
+
+    t = np.asarray(targets)
+    is_int = t.dtype.kind in "iu"
+    counted = t[t != IGNORE_INDEX] if is_int else t.ravel()
+    lo, hi = (int(counted.min()), int(counted.max())) if (is_int and counted.size) else (0, 0)
+    check_targets(spec, tokens_shape, t.shape, is_int, int(counted.size), lo, hi)
+
+
+def check_tokens_array(spec: ModelSpec, tokens, name: str = "tokens") -> None:
+    import numpy as np
+
+    t = np.asarray(tokens)
+    is_int = t.dtype.kind in "iu"
+    lo, hi = (int(t.min()), int(t.max())) if (t.size and is_int) else (0, 0)
+    check_tokens(spec, t.shape, is_int, lo, hi, name)
+
+
+def check_state_shapes(
+    spec: ModelSpec, shapes: Mapping[str, Sequence[int]], source: str
+) -> None:
+    """A state (name -> shape) must hold exactly the canonical parameters, each of its shape."""
+    check_shapes(param_shapes(spec), shapes, source)
+
+
+def check_shapes(
+    expected: Mapping[str, tuple[int, ...]], shapes: Mapping[str, Sequence[int]], source: str
+) -> None:
+    """`shapes` must hold exactly the names of `expected`, each of its shape."""
+    missing = [n for n in expected if n not in shapes]
+    unexpected = sorted(n for n in shapes if n not in expected)
+    misshapen = [
+        f"{n}: expected {expected[n]}, got {tuple(shapes[n])}"
+        for n in expected
+        if n in shapes and tuple(shapes[n]) != expected[n]
+    ]
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
+        if misshapen:
+            parts.append(f"misshapen {len(misshapen)} tensor(s): {_listing(misshapen)}")
+        raise WeightsError(f"{source} does not match the spec's parameter table: " + "; ".join(parts))
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,133 @@
+"""ModelSpec: the immutable, validated description of one GPT-2-family model.
+
+Every architectural choice is a named field whose legal values are listed in
+OPTIONS; a variant is a new value of a field (documented in SPEC.md and
+implemented in the reference and every backend), never a backend flag.
+Defaults are GPT-2's own values, so a spec written before a field existed
+still means what it meant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+
+# Bumped when the meaning of an existing field or operator changes (SPEC.md, "Versioning").
+SPEC_VERSION = "1"
+
+# The legal values of every architectural option, first value = GPT-2's.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "activation": ("gelu_tanh",),
+    "norm": ("layernorm",),
+    "attention": ("softmax",),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    norm: str = "layernorm"
+    attention: str = "softmax"
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise SpecError("invalid ModelSpec: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        from .params import param_table
+
+        return sum(math.prod(p.shape) for p in param_table(self))
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    # -- presets -----------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "ModelSpec":
+        try:
+            return cls(**PRESETS[name])
+        except KeyError:
+            raise SpecError(
+                f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}"
+            ) from None
+
+    # -- JSON --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise SpecError(f"a ModelSpec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(
+                f"unknown ModelSpec field(s) {unknown} (written by a newer gptspec?); "
+                f"known fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"ModelSpec JSON does not parse: {e}") from None
+        return cls.from_dict(data)
+
+
+def _problems(s: ModelSpec):
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            yield f"{name} must be an int, got {v!r}"
+        elif v < 1:
+            yield f"{name} must be >= 1, got {v}"
+    if (
+        isinstance(s.n_embd, int) and isinstance(s.n_head, int)
+        and s.n_head >= 1 and s.n_embd % s.n_head
+    ):
+        yield (
+            f"n_embd ({s.n_embd}) must be divisible by n_head ({s.n_head}); "
+            f"head_dim would be {s.n_embd / s.n_head:.4g}"
+        )
+    eps = s.norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+        yield f"norm_eps must be a float in (0, 1), got {eps!r}"
+    for name, legal in OPTIONS.items():
+        v = getattr(s, name)
+        if v not in legal:
+            yield f"{name} must be one of {list(legal)}, got {v!r}"
+
+
+_GPT2 = dict(vocab_size=50257, n_positions=1024)
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # Small sizes for tests: every operator present, seconds on a laptop CPU.
+    "test-tiny": dict(vocab_size=61, n_positions=16, n_layer=1, n_head=2, n_embd=8),
+    "test-mini": dict(vocab_size=257, n_positions=64, n_layer=2, n_head=4, n_embd=64),
+}
+REAL_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

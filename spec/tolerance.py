@@ -1,0 +1,35 @@
+"""The numeric tolerance policy (SPEC.md, "Tolerance policy"), read from tolerances.json.
+
+Two error metrics, both relative so that one bound fits every model size:
+
+    rel_l2   = ||x - ref||_2 / ||ref||_2          the error's overall size
+    rel_max  = max|x - ref| / max|ref|            the largest single error, against the tensor's scale
+
+A check passes when both metrics are within the bound of its (dtype, quantity), where quantity is
+"logits", "loss" or "grads" (every parameter's gradient). Comparisons between two backends use
+twice the bound: each is within the bound of the reference, so by the triangle inequality they
+are within twice of each other. The bounds come from measurement (conformance/calibrate.py):
+each is the measured maximum times a factor between 2 and 10.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .checks import canonical_dtype
+
+TOLERANCES_FILE = Path(__file__).with_name("tolerances.json")
+QUANTITIES = ("logits", "loss", "grads")
+METRICS = ("rel_l2", "rel_max")
+PAIRWISE_FACTOR = 2.0
+
+
+@lru_cache(maxsize=1)
+def policy() -> dict:
+    return json.loads(TOLERANCES_FILE.read_text())
+
+
+def bound(dtype: str, quantity: str, metric: str, pairwise: bool = False) -> float:
+    b = policy()["bounds"][canonical_dtype(dtype)][quantity][metric]
+    return b * PAIRWISE_FACTOR if pairwise else b
