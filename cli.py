@@ -37,6 +37,8 @@ def cmd_conformance(args) -> int:
     elif weights == "none":
         weights = None
     suite = cases(args.tier, weights)
+    if args.only:
+        suite = [c for c in suite if c.preset in args.only or c.weights in args.only]
     dtypes = args.dtype or list(DTYPES)
     versions = ", ".join(b.version() for b in chosen)
     console.print(f"gptspec conformance: {versions}; {len(suite)} cases x {len(dtypes)} dtypes, tier {args.tier}")
@@ -127,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tier", choices=("default", "heavy"), default="default")
     c.add_argument("--weights", help="real weights for the gpt2 case (name or path; 'none' for synthetic only). "
                                      "Default: 'gpt2' when it resolves")
+    c.add_argument("--only", action="append", metavar="PRESET", choices=list(PRESETS),
+                   help="run only the cases of this model size (repeatable), e.g. --only test-tiny")
     c.add_argument("--no-pairwise", action="store_true", help="skip backend-vs-backend checks")
     c.add_argument("--verbose", "-v", action="store_true", help="print every tensor's errors")
     c.add_argument("--json", help="also write every check to this JSON file")

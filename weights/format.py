@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..spec import SPEC_VERSION, ModelSpec, SpecError, WeightsError, canonical_dtype
+from ..spec import SPEC_VERSION, ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
 
 STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -198,6 +198,6 @@ def read(path: str | os.PathLike) -> Checkpoint:
         raise WeightsError(f"{path}: its model_spec metadata is invalid: {e}") from None
     check_state_shapes(spec, {n: a.shape for n, a in tensors.items()}, str(path))
     return Checkpoint(
-        spec=spec, params=tensors, stored_dtype=stored, source=str(path),
+        spec=spec, params={p.name: tensors[p.name] for p in param_table(spec)}, stored_dtype=stored, source=str(path),
         synthetic=metadata.get("synthetic") == "true", metadata=metadata,
     )

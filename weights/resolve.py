@@ -4,13 +4,15 @@ A name is looked up, in order:
 1. the directory named by $GPTSPEC_WEIGHTS: `<name>.safetensors` (canonical) or `<name>/`
    (a canonical `model.safetensors` or a Hugging Face directory);
 2. the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub):
-   `models--<name>` or `models--openai-community--<name>`, the snapshot that refs/main names.
+   `models--<name>` or `models--openai-community--<name>` (a repo id `org/name` names its own
+   `models--org--name`), the snapshot that refs/main names.
 `synthetic:<preset>` (optionally `synthetic:<preset>:<seed>`) makes GPT-2-initialised
 synthetic weights in memory. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..spec import PRESETS, ModelSpec, WeightsError
@@ -105,8 +107,9 @@ def candidates(name: str) -> list[tuple[Path, str]]:
     else:
         out.append((Path(f"${ENV_VAR}"), "unset"))
     hub = hf_hub_cache()
-    for org in HF_ORGS:
-        repo = hub / ("models--" + (f"{org}--" if org else "") + name)
+    repo_ids = [name] if "/" in name else [f"{org}/{name}" if org else name for org in HF_ORGS]
+    for repo_id in repo_ids:
+        repo = hub / ("models--" + repo_id.replace("/", "--"))
         snap = _hf_snapshot(repo) if repo.is_dir() else None
         out.append((snap or repo, "found" if snap else ("no complete snapshot" if repo.is_dir() else "missing")))
     return out
@@ -134,6 +137,13 @@ def load_checkpoint(source) -> Checkpoint:
     text = os.fspath(source)
     if text.startswith("synthetic:"):
         return _synthetic(text)
-    if os.path.exists(text):
-        return read_path(text)
+    if os.path.exists(text) or (_looks_like_path(text) and not _REPO_ID.fullmatch(text)):
+        return read_path(text)  # a path that does not exist is reported as such
     return read_path(locate(text))
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # e.g. openai-community/gpt2
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or text.endswith((".safetensors", ".bin", ".json"))

@@ -1,0 +1,120 @@
+"""Negative controls: deliberately broken torch models must be flagged by the same checks.
+
+Each control is one realistic bug, injected into an otherwise correct torch backend and run
+through conformance.run_case exactly as a real backend is. A suite that cannot fail proves
+nothing: every control must produce at least one numeric failure (an error beyond its bound,
+not just a missing name), in float32, on small configs and on the full gpt2 shapes.
+"""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gptspec.backends.torch.backend import TorchBackend  # noqa: E402
+from gptspec.conformance import Case, run_case  # noqa: E402
+from gptspec.spec import param_table  # noqa: E402
+
+
+class Broken(TorchBackend):
+    """The torch backend with one bug: in the model it builds, or in the weights it is given."""
+
+    def __init__(self, bug, break_model=None, break_weights=None):
+        self.name = f"torch[{bug}]"
+        self.break_model, self.break_weights = break_model, break_weights
+
+    def build(self, spec, params, dtype="float32", device=None):
+        if self.break_weights:
+            params = self.break_weights(spec, dict(params))
+        model = super().build(spec, params, dtype, device)
+        if self.break_model:
+            self.break_model(model)
+        return model
+
+
+def exact_erf_gelu(model):
+    for block in model.h:
+        block.mlp.forward = types.MethodType(lambda self, x: self.c_proj(F.gelu(self.c_fc(x))), block.mlp)
+
+
+def layer_norm_eps_1e_6(model):
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = 1e-6
+
+
+def attention_scale_1_over_d(model):
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.n_head / C)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    for block in model.h:
+        block.attn.forward = types.MethodType(forward, block.attn)
+
+
+def untied_head(model):
+    # a separate head starting from a copy of wte: same logits, but wte misses the head's gradient
+    model.lm_head = nn.Linear(model.spec.n_embd, model.spec.vocab_size, bias=False)
+    model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
+
+    def forward(self, tokens):
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    model.forward = types.MethodType(forward, model)
+
+
+def dropped_biases(model):
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.bias = None
+
+
+def conv1d_left_untransposed(spec, params):
+    # what a Hugging Face loader that forgets the Conv1D transpose produces: the square weights
+    # (attn.c_proj) load without a shape error, transposed
+    for p in param_table(spec):
+        if p.hf_transposed and p.shape[0] == p.shape[1]:
+            params[p.name] = np.ascontiguousarray(params[p.name].T)
+    return params
+
+
+CONTROLS = [
+    Broken("exact-erf-gelu", exact_erf_gelu),
+    Broken("layernorm-eps-1e-6", layer_norm_eps_1e_6),
+    Broken("attention-scale-1/d", attention_scale_1_over_d),
+    Broken("untied-head", untied_head),
+    Broken("dropped-biases", dropped_biases),
+    Broken("conv1d-untransposed", break_weights=conv1d_left_untransposed),
+]
+CASES = [Case("test-mini", 0, batch=2, length=48), Case("gpt2", 0, batch=1, length=64)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
+def control_outcomes(request):
+    return {o.subject: o for o in run_case(CONTROLS, request.param, "float32", "cpu", pairwise=False)}
+
+
+@pytest.mark.parametrize("control", CONTROLS, ids=lambda c: c.name)
+def test_broken_model_is_flagged(control, control_outcomes):
+    outcome = control_outcomes[control.name]
+    assert outcome.status == "ran", outcome.message
+    numeric = [c for c in outcome.failures if not c.note]
+    assert numeric, f"{control.name} passed conformance: the suite cannot see this bug"
+    assert not outcome.ok
+
+
+def test_correct_model_passes_the_same_checks():
+    # the positive control: the harness above fails the bugs, not everything
+    (outcome,) = run_case([TorchBackend()], CASES[0], "float32", "cpu", pairwise=False)
+    assert outcome.ok, [c.tensor for c in outcome.failures]
