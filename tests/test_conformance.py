@@ -31,12 +31,12 @@ def pytest_generate_tests(metafunc):
     if "pair" in metafunc.fixturenames:
         pairs = list(combinations(chosen, 2))
         params = [(c, d, p) for c in suite for d in dtypes for p in pairs]
+        ids = [f"{a}~{b}-{d}-{c.id}" for c, d, (a, b) in params]
         if not params:  # say why, rather than pytest's "empty parameter set"
             params = [pytest.param(None, None, None, marks=pytest.mark.skip(
                 reason=f"pairwise checks need two backends; selected: {', '.join(chosen) or 'none'}"))]
-        metafunc.parametrize("case,dtype,pair", params,
-                             ids=[f"{p[2][0]}~{p[2][1]}-{p[1]}-{p[0].id}" if isinstance(p, tuple) else "no-pairs"
-                                  for p in params])
+            ids = ["no-pairs"]
+        metafunc.parametrize("case,dtype,pair", params, ids=ids)
 
 
 def test_backend_matches_reference(case, dtype, backend_name, request):
