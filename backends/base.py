@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..spec import ModelSpec
+from ..spec import OPTIONS, BackendError, ModelSpec
 from ..weights import Checkpoint, load_checkpoint
+
+GPT2_ONLY: dict[str, tuple[str, ...]] = {name: values[:1] for name, values in OPTIONS.items()}
 
 
 @dataclass
@@ -28,6 +30,21 @@ class LossAndGrads:
 class Backend(ABC):
     name: str          # registry name, e.g. "torch"
     extra: str         # pip extra that installs it, e.g. "gptspec[torch]"
+    #: The option values (spec/config.py OPTIONS) this backend implements. A spec outside them is
+    #: "not implemented" here: a visible gap in the conformance table, a clear error from load().
+    implements: Mapping[str, tuple[str, ...]] = GPT2_ONLY
+
+    def unsupported(self, spec: ModelSpec) -> str | None:
+        """None if this backend implements every option of `spec`, else which one it lacks."""
+        for name, values in self.implements.items():
+            if getattr(spec, name) not in values:
+                return f"{self.name} does not implement {name}={getattr(spec, name)!r}"
+        return None
+
+    def check_supported(self, spec: ModelSpec) -> None:
+        reason = self.unsupported(spec)
+        if reason:
+            raise BackendError(reason)
 
     def version(self) -> str:
         """The framework and its version, e.g. 'torch 2.13.0'."""
@@ -58,8 +75,22 @@ class Backend(ABC):
     def loss_and_grads(self, model: Any, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
         """Mean cross-entropy (SPEC.md), logits and every parameter's gradient."""
 
+    def normalize(self, model: Any) -> None:
+        """SPEC.md 11.3: the post-step weight normalization, in place (a no-op without unit-norm weights)."""
+        raise BackendError(f"{self.name} does not implement the weight normalization")
+
+    def state(self, model: Any) -> dict[str, np.ndarray]:
+        """The model's current weights, canonical names and layouts, as float32 numpy."""
+        raise BackendError(f"{self.name} does not implement reading its weights back")
+
+    def extend(self, model: Any, tokens: np.ndarray, cache: Any, last_only: bool = False) -> tuple[np.ndarray, Any]:
+        """SPEC.md 12: logits (B, t, vocab) float32 of `tokens` (B, t) at the positions after those in
+        `cache` (None: empty), and the grown cache; `last_only` returns the last position's only (B, 1, vocab)."""
+        raise BackendError(f"{self.name} does not implement generation (a KV cache)")
+
     def load(self, source, dtype: str | None = None, device: str | None = None) -> Any:
         """The native model for a name, path or Checkpoint (see gptspec.weights.load_checkpoint)."""
         ckpt: Checkpoint = load_checkpoint(source)
+        self.check_supported(ckpt.spec)
         model = self.build(ckpt.spec, ckpt.params, dtype or "float32", device)
         return model

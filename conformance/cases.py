@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..spec import IGNORE_INDEX, ModelSpec
+from ..spec.variants import get_variant
 from ..weights import Checkpoint, load_checkpoint
 from ..weights.synthetic import synthetic_params
 
@@ -35,18 +36,26 @@ class Case:
     batch: int = 2
     length: int = 16
     weights: str | None = None  # a name or path of real weights; None = synthetic "conformance" init
+    variant: str = "gpt2"     # spec/variants.py: the architecture applied to the preset's size
 
     @property
     def id(self) -> str:
         source = f"seed{self.seed}" if self.weights is None else f"weights={self.weights}"
-        return f"{self.preset}/{source}/B{self.batch}xT{self.length}"
+        prefix = "" if self.variant == "gpt2" else f"{self.variant}:"
+        return f"{prefix}{self.preset}/{source}/B{self.batch}xT{self.length}"
 
     @property
     def synthetic(self) -> bool:
         return self.weights is None
 
+    @property
+    def spec(self) -> ModelSpec:
+        if self.weights is not None:
+            return self.checkpoint().spec
+        return get_variant(self.variant).apply(ModelSpec.preset(self.preset))
+
     def checkpoint(self) -> Checkpoint:
-        return _checkpoint(self.preset, self.seed, self.weights)
+        return _checkpoint(self.preset, self.variant, self.seed, self.weights)
 
     def inputs(self, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, targets), int64 (B, T). Targets skip every 7th position (the ignore index)."""
@@ -67,37 +76,45 @@ class Case:
 
 
 @lru_cache(maxsize=2)
-def _checkpoint(preset: str, seed: int, weights: str | None) -> Checkpoint:
+def _checkpoint(preset: str, variant: str, seed: int, weights: str | None) -> Checkpoint:
     if weights is not None:
         return load_checkpoint(weights)
-    spec = ModelSpec.preset(preset)
+    spec = get_variant(variant).apply(ModelSpec.preset(preset))
     return Checkpoint(
         spec=spec, params=synthetic_params(spec, seed, "conformance"),
-        source=f"synthetic:{preset}:{seed} (conformance init)", synthetic=True,
+        source=f"synthetic:{preset}:{seed} ({variant}, conformance init)", synthetic=True,
     )
 
 
-def small_cases(seeds=(0, 1)) -> list[Case]:
+def small_cases(seeds=(0, 1), variant: str = "gpt2") -> list[Case]:
     return [c for s in seeds for c in (
-        Case("test-tiny", s, batch=3, length=16),   # the whole context
-        Case("test-mini", s, batch=2, length=48),   # a prefix of it
+        Case("test-tiny", s, batch=3, length=16, variant=variant),   # the whole context
+        Case("test-mini", s, batch=2, length=48, variant=variant),   # a prefix of it
     )]
 
 
-def cases(tier: str = "default", weights: str | None = None) -> list[Case]:
-    """The suite's cases for a tier; `weights` adds (default) or substitutes real weights for gpt2."""
+def cases(tier: str = "default", weights: str | None = None, variants=("gpt2",)) -> list[Case]:
+    """The suite's cases for a tier and variants; `weights` adds a case on real weights.
+
+    GPT-2 itself runs on the small configs and the full gpt2 shapes; another variant runs on the
+    small configs, and in the heavy tier on the gpt2 shapes too.
+    """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {TIERS}")
-    if tier == "default":
-        out = small_cases() + [Case("gpt2", 0, batch=1, length=64)]
-    else:
-        out = small_cases(seeds=range(5)) + [
-            Case("gpt2", 0, batch=2, length=128),
-            Case("gpt2", 1, batch=1, length=1024),
-            Case("gpt2-medium", 0, batch=1, length=32),
-            Case("gpt2-large", 0, batch=1, length=32),
-            Case("gpt2-xl", 0, batch=1, length=32),
-        ]
+    out = []
+    for variant in variants:
+        get_variant(variant)  # unknown names fail here, clearly
+        if tier == "default":
+            out += small_cases(variant=variant)
+            if variant == "gpt2":
+                out.append(Case("gpt2", 0, batch=1, length=64))
+        else:
+            out += small_cases(seeds=range(5), variant=variant) + [
+                Case("gpt2", 0, batch=2, length=128, variant=variant),
+                Case("gpt2", 1, batch=1, length=1024, variant=variant),
+            ]
+            if variant == "gpt2":
+                out += [Case(p, 0, batch=1, length=32) for p in ("gpt2-medium", "gpt2-large", "gpt2-xl")]
     if weights is not None:
         out.append(Case("gpt2", 0, batch=2, length=64, weights=weights))
     return out

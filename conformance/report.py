@@ -77,3 +77,90 @@ def to_json(outcomes: Iterable[Outcome], environment: dict) -> str:
             for o in outcomes
         ],
     }, indent=1)
+
+
+# -- artifacts compared across machines (conformance/artifacts.py) ---------------------------
+PLOT_HINT = "the heatmap (PNG) needs matplotlib: pip install 'gptspec[plot]'"
+
+
+def grid(outcomes: Iterable[Outcome]) -> dict[tuple[str, str], tuple[list[str], list[str], dict]]:
+    """(case, dtype) -> (tensors, subjects, {(tensor, subject): Check}) over the outcomes that ran."""
+    out: dict = {}
+    for o in outcomes:
+        if o.status != "ran":
+            continue
+        tensors, subjects, cells = out.setdefault((o.case, o.dtype), ([], [], {}))
+        subjects.append(o.subject)
+        for c in o.checks:
+            if c.tensor not in tensors:
+                tensors.append(c.tensor)
+            cells[c.tensor, o.subject] = c
+    return out
+
+
+def _md_cell(c: Check | None) -> str:
+    if c is None:
+        return "-"
+    if c.note:
+        return f"**FAIL** {c.note}"
+    err, bnd = (c.rel_l2, c.bound_l2) if c.rel_l2 / c.bound_l2 >= c.rel_max / c.bound_max else (c.rel_max, c.bound_max)
+    return f"{err:.1e} / {bnd:.0e}" + ("" if c.ok else " **FAIL**")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in text)
+
+
+def artifact_markdown(comparison, images: dict | None = None, plot_note: str = "") -> str:
+    """The report of artifacts.compare(): the artifacts, then per (case, dtype) a table of every
+    tensor's worst error / its bound for each comparison, and its heatmap where one was drawn."""
+    import json
+
+    lines = ["# gptspec conformance: artifacts compared", "",
+             f"Result: **{'PASS' if comparison.ok else 'FAIL'}**. Cells: the worst error / its bound (the "
+             "tighter of rel_l2 and rel_max, SPEC.md section 9); `a~b` compares two artifacts with twice "
+             "the bound. **FAIL** marks a check over its bound.", "",
+             "| case | dtype | artifact | file | framework | machine | gptspec | recorded |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in comparison.artifacts:
+        m, mach = a.meta, json.loads(a.meta.get("machine", "{}"))
+        where = f"{mach.get('platform', '?')}, {mach.get('processor', '?')}, Python {mach.get('python', '?')}"
+        lines.append(f"| {a.case} | {a.dtype} | {a.label} | `{a.path}` | {m.get('framework')} | {where} "
+                     f"| {m.get('gptspec_version')} | {m.get('created', '')} |")
+    lines += [""] + [f"> {n}" for n in comparison.notes] + ([""] if comparison.notes else [])
+    if plot_note:
+        lines += [f"> {plot_note}", ""]
+    images = images or {}
+    for (case, dtype), (tensors, subjects, cells) in grid(comparison.outcomes).items():
+        first = next(a for a in comparison.artifacts if a.case == case)
+        kind = "synthetic weights" if first.synthetic else "real weights"
+        lines += [f"## {case}, {dtype}", "",
+                  f"{kind}, checkpoint `{first.meta['fingerprint']}`, spec version {first.meta['spec_version']}", "",
+                  "| tensor | " + " | ".join(subjects) + " |", "|---" * (len(subjects) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(_md_cell(cells.get((t, s))) for s in subjects) + " |" for t in tensors]
+        if (case, dtype) in images:
+            lines += ["", f"![error / bound, {case} {dtype}]({images[case, dtype]})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_artifact_report(comparison, directory) -> tuple[list, str]:
+    """report.md and one heatmap PNG per (case, dtype) into `directory`; the paths written, and a
+    note when the PNGs could not be drawn (matplotlib missing)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written, images, note = [], {}, ""
+    try:
+        from .heatmap import heatmap
+    except ImportError:
+        note = f"No heatmap: {PLOT_HINT}"
+    else:
+        for (case, dtype), (tensors, subjects, cells) in grid(comparison.outcomes).items():
+            name = f"heatmap-{_slug(case)}-{dtype}.png"
+            written.append(heatmap(directory / name, f"{case}, {dtype}", tensors, subjects, cells))
+            images[case, dtype] = name
+    md = directory / "report.md"
+    md.write_text(artifact_markdown(comparison, images, note))
+    return [md, *written], note

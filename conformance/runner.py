@@ -3,7 +3,9 @@
 For a case and a dtype, the reference runs on the case's weights rounded to that dtype (the
 values the backend holds), so what is measured is the backend's arithmetic, not the rounding
 of its weights. Every installed backend then gives logits (forward), loss and all gradients
-(loss_and_grads), and each tensor is checked under the tolerance policy.
+(loss_and_grads), and each tensor is checked under the tolerance policy. Where the spec keeps
+weights unit-norm (nGPT), the post-step normalization is checked on its own as well: weights
+pushed off the unit sphere, normalized in place by the backend, read back.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .metrics import Check, compare
 # Rough peak bytes per parameter of one check: float64 reference weights, activations and
 # gradients, plus the backend's weights and gradients in float32.
 BYTES_PER_PARAM = 48
+GAPS = ("unsupported", "not implemented", "not run")  # visible in the table, not failures
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Outcome:
     subject: str              # backend name, or "a~b" for a pair
     device: str
     dtype: str
-    status: str               # "ran" | "error" | "unsupported" | "not run"
+    status: str               # "ran" | "error" | one of GAPS
     checks: list[Check] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
@@ -41,10 +44,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        """Failed checks and errors fail; a dtype a device cannot run is a visible gap, not a failure."""
-        return self.status in ("unsupported", "not run") or (
-            self.status == "ran" and all(c.ok for c in self.checks)
-        )
+        """Failed checks and errors fail; a gap (dtype, variant or memory) is shown, not failed."""
+        return self.status in GAPS or (self.status == "ran" and all(c.ok for c in self.checks))
 
     @property
     def failures(self) -> list[Check]:
@@ -62,6 +63,7 @@ class Run:
     loss: float
     grads: dict[str, np.ndarray]
     seconds: float
+    normalized: dict[str, np.ndarray] | None = None  # weights after the backend's normalize()
 
 
 @dataclass
@@ -74,6 +76,33 @@ class Reference:
     loss: float
     grads: dict[str, np.ndarray]
     synthetic: bool
+    perturbed: dict[str, np.ndarray] | None = None   # off-sphere weights for the normalization check
+    normalized: dict[str, np.ndarray] | None = None  # the reference's normalization of them
+
+
+def has_unit_norm_weights(spec) -> bool:
+    return any(p.unit_norm_axis is not None for p in param_table(spec))
+
+
+def perturb(spec, params: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Push every unit-norm matrix off the sphere (rows and columns scaled unevenly, plus noise)."""
+    rng = np.random.default_rng([seed, 11])
+    out = dict(params)
+    for p in param_table(spec):
+        if p.unit_norm_axis is not None:
+            w = params[p.name]
+            rows = rng.uniform(0.5, 2.0, (w.shape[0], 1)).astype(np.float32)
+            cols = rng.uniform(0.5, 2.0, (1, w.shape[1])).astype(np.float32)
+            out[p.name] = w * rows * cols + np.float32(0.05) * rng.standard_normal(w.shape, dtype=np.float32)
+    return out
+
+
+def _frozen(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # the reference is shared by every backend of a case: one that wrote into the arrays it was
+    # given (a model aliasing them, normalized in place) would corrupt the next backend's input
+    for a in params.values():
+        a.setflags(write=False)
+    return params
 
 
 @lru_cache(maxsize=1)
@@ -82,7 +111,12 @@ def reference_run(case: Case, dtype: str) -> Reference:
     tokens, targets = case.inputs(ckpt.spec)
     rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ckpt.params.items()}
     ref = reference.loss_and_grads(ckpt.spec, rounded, tokens, targets)
-    return Reference(ckpt.spec, tokens, targets, ckpt.params, ref.logits, ref.loss, ref.grads, ckpt.synthetic)
+    out = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), ref.logits, ref.loss, ref.grads, ckpt.synthetic)
+    if has_unit_norm_weights(ckpt.spec):
+        out.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
+        rounded = {n: round_to_dtype(a, dtype) for n, a in out.perturbed.items()}
+        out.normalized = reference.normalize_weights(ckpt.spec, rounded)
+    return out
 
 
 def backend_run(backend: Backend, ref: Reference, dtype: str, device: str) -> Run:
@@ -90,7 +124,12 @@ def backend_run(backend: Backend, ref: Reference, dtype: str, device: str) -> Ru
     model = backend.build(ref.spec, ref.params, dtype, device)
     logits = backend.forward(model, ref.tokens)
     lg = backend.loss_and_grads(model, ref.tokens, ref.targets)
-    return Run(logits, lg.loss, lg.grads, time.perf_counter() - start)
+    run = Run(logits, lg.loss, lg.grads, time.perf_counter() - start)
+    if ref.perturbed is not None:
+        model = backend.build(ref.spec, ref.perturbed, dtype, device)
+        backend.normalize(model)
+        run.normalized = backend.state(model)
+    return run
 
 
 # The runs of the current (case, dtype), so that pairwise checks (and pytest's separate
@@ -109,7 +148,8 @@ def cached_run(backend: Backend, case: Case, ref: Reference, dtype: str, device:
 
 def compare_runs(x: Run, y, *, case: str, subject: str, device: str, dtype: str, pairwise: bool,
                  names: tuple[str, str], param_names: Iterable[str]) -> list[Check]:
-    """Checks of x against y (a Run or the Reference): logits, loss, then every gradient by name."""
+    """Checks of x against y (a Run or the Reference): logits, loss, every gradient by name, and
+    the normalized weights where there are any."""
     common = dict(case=case, subject=subject, device=device, dtype=dtype, pairwise=pairwise, names=names)
     checks = [
         compare(x.logits, y.logits, quantity="logits", tensor="logits", **common),
@@ -120,6 +160,11 @@ def compare_runs(x: Run, y, *, case: str, subject: str, device: str, dtype: str,
         checks.append(compare(x.grads.get(name), y.grads.get(name), quantity="grads", tensor=name, **common))
     for name in sorted(set(x.grads) - set(expected)):
         checks.append(compare(x.grads[name], None, quantity="grads", tensor=name, **common))
+    if y.normalized is not None:
+        got = x.normalized or {}
+        for name in expected:
+            checks.append(compare(got.get(name), y.normalized[name], quantity="weights",
+                                  tensor=f"normalized {name}", **common))
     return checks
 
 
@@ -134,21 +179,26 @@ def run_case(
     backends: list[Backend], case: Case, dtype: str, device: str | None = None, pairwise: bool = True,
 ) -> list[Outcome]:
     """Every backend against the reference for one case and dtype, then every pair."""
-    from ..spec import ModelSpec
-
-    needed = ModelSpec.preset(case.preset).n_params * BYTES_PER_PARAM if case.synthetic else 0
+    needed = case.spec.n_params * BYTES_PER_PARAM if case.synthetic else 0
     memory = _memory_bytes()
     if memory and needed > memory:
         msg = f"needs about {needed / 2**30:.0f} GiB of memory, this machine has {memory / 2**30:.0f} GiB"
         return [Outcome(case.id, b.name, device or "-", dtype, "not run", message=msg) for b in backends]
 
-    ref = reference_run(case, dtype)
-    names = [p.name for p in param_table(ref.spec)]
+    spec = case.spec
+    names = [p.name for p in param_table(spec)]
+    # the reference (minutes for the large presets) only when some backend will run against it
+    runnable = [b for b in backends if not b.unsupported(spec)
+                and dtype in b.dtypes(device or b.devices()[0])]
+    ref = reference_run(case, dtype) if runnable else None
     outcomes, runs = [], {}
     for backend in backends:
         dev = device or backend.devices()[0]
-        out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=ref.synthetic)
-        if dtype not in backend.dtypes(dev):
+        out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=case.synthetic)
+        missing = backend.unsupported(spec)
+        if missing:
+            out.status, out.message = "not implemented", missing
+        elif dtype not in backend.dtypes(dev):
             out.status, out.message = "unsupported", f"{backend.name} does not run {dtype} on {dev}"
         else:
             try:
@@ -169,7 +219,7 @@ def run_case(
             dev = devices[a] if devices[a] == devices[b] else f"{devices[a]}/{devices[b]}"
             checks = compare_runs(runs[a], runs[b], case=case.id, subject=subject, device=dev, dtype=dtype,
                                   pairwise=True, names=(a, b), param_names=names)
-            outcomes.append(Outcome(case.id, subject, dev, dtype, "ran", checks, synthetic=ref.synthetic))
+            outcomes.append(Outcome(case.id, subject, dev, dtype, "ran", checks, synthetic=case.synthetic))
     return outcomes
 
 

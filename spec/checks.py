@@ -141,3 +141,10 @@ def check_shapes(
 def _listing(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_cache_room(n_positions: int, cached: int, new: int) -> None:
+    """SPEC.md 12: `new` tokens after `cached` ones must fit the context (it is never slid)."""
+    if cached + new > n_positions:
+        raise InputError(f"{new} tokens after the {cached} in the cache pass the context length "
+                         f"n_positions={n_positions}")

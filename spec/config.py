@@ -19,11 +19,22 @@ from .errors import SpecError
 # Bumped when the meaning of an existing field or operator changes (SPEC.md, "Versioning").
 SPEC_VERSION = "1"
 
-# The legal values of every architectural option, first value = GPT-2's.
+# The legal values of every architectural option, first value = GPT-2's (SPEC.md section 1).
 OPTIONS: dict[str, tuple[str, ...]] = {
+    "architecture": ("gpt2", "ngpt"),
     "activation": ("gelu_tanh",),
     "norm": ("layernorm",),
-    "attention": ("softmax",),
+    "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
+    "positions": ("learned", "rope", "none"),
+    "mlp": ("gelu", "swiglu"),
+    "ngpt_alpha": ("abs", "signed"),
+    "ngpt_scale": ("inv_sqrt_d", "inv_d"),
+}
+# Options an architecture takes beyond GPT-2's single value (all others must keep their default).
+_ARCH_OPTIONS = {
+    "gpt2": {"attention": OPTIONS["attention"]},
+    "ngpt": {"positions": ("rope", "none"), "mlp": OPTIONS["mlp"],
+             "ngpt_alpha": OPTIONS["ngpt_alpha"], "ngpt_scale": OPTIONS["ngpt_scale"]},
 }
 
 
@@ -38,9 +49,16 @@ class ModelSpec:
     activation: str = "gelu_tanh"
     norm: str = "layernorm"
     attention: str = "softmax"
+    softmax_c: float = 1.0        # the constant of attention="softmax_c": e^x / (c + sum e^x)
+    architecture: str = "gpt2"
+    positions: str = "learned"
+    rope_base: float = 10000.0    # theta base of positions="rope"
+    mlp: str = "gelu"
+    ngpt_alpha: str = "abs"
+    ngpt_scale: str = "inv_sqrt_d"
 
     def __post_init__(self) -> None:
-        problems = list(_problems(self))
+        problems = list(_problems(self)) or list(_combination_problems(self))
         if problems:
             raise SpecError("invalid ModelSpec: " + "; ".join(problems))
 
@@ -118,6 +136,29 @@ def _problems(s: ModelSpec):
         v = getattr(s, name)
         if v not in legal:
             yield f"{name} must be one of {list(legal)}, got {v!r}"
+    for name in ("softmax_c", "rope_base"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            yield f"{name} must be a positive float, got {v!r}"
+
+
+def _combination_problems(s: ModelSpec):
+    """Options that cannot combine (SPEC.md section 1): a clear error, never a silently different model."""
+    allowed = _ARCH_OPTIONS[s.architecture]
+    for name, legal in OPTIONS.items():
+        value = getattr(s, name)
+        if name == "architecture" or value in allowed.get(name, (legal[0],)):
+            continue
+        if name in allowed:
+            yield f"{name}={value!r} cannot combine with architecture={s.architecture!r}; it takes {list(allowed[name])}"
+        else:
+            yield f"{name}={value!r} is not defined for architecture={s.architecture!r} (only {legal[0]!r})"
+    if s.softmax_c != 1.0 and s.attention != "softmax_c":
+        yield f"softmax_c={s.softmax_c} applies only to attention='softmax_c' (attention is {s.attention!r})"
+    if s.rope_base != 10000.0 and s.positions != "rope":
+        yield f"rope_base={s.rope_base} applies only to positions='rope' (positions is {s.positions!r})"
+    if s.positions == "rope" and s.head_dim % 2:
+        yield f"positions='rope' rotates pairs of dimensions: head_dim ({s.head_dim}) must be even"
 
 
 _GPT2 = dict(vocab_size=50257, n_positions=1024)

@@ -12,13 +12,16 @@ import pytest
 from gptspec import backends
 from gptspec.conformance import cases, run_case
 from gptspec.conformance.report import failure_text
+from gptspec.conformance.runner import GAPS
 from gptspec.spec import DTYPES
+from gptspec.spec.variants import VARIANTS
 
 
 def _selection(config):
     chosen = config.getoption("--backend") or backends.available()
     dtypes = config.getoption("--dtype") or list(DTYPES)
-    suite = cases(config.getoption("--tier"), config.getoption("--weights"))
+    variants = config.getoption("--variant") or list(VARIANTS)
+    suite = cases(config.getoption("--tier"), config.getoption("--weights"), variants)
     return chosen, dtypes, suite
 
 
@@ -43,8 +46,8 @@ def test_backend_matches_reference(case, dtype, backend_name, request):
     backend = backends.get(backend_name)  # an unusable requested backend fails here, loudly
     outcomes = run_case([backend], case, dtype, request.config.getoption("--device"), pairwise=False)
     (outcome,) = outcomes
-    if outcome.status in ("unsupported", "not run"):
-        pytest.skip(outcome.message)  # a device/memory gap, shown in the summary, never a pass
+    if outcome.status in GAPS:
+        pytest.skip(outcome.message)  # a device, variant or memory gap: shown in the summary, never a pass
     assert outcome.ok, failure_text(outcomes)
 
 

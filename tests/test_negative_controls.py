@@ -89,6 +89,41 @@ def conv1d_left_untransposed(spec, params):
     return params
 
 
+def standard_softmax_for_sinks(model):
+    # softmax1 configured, the plain softmax run: the sink is dropped
+    for block in model.h:
+        block.attn.sink_logit = None
+
+
+def ngpt_normalize_wrong_axis(model):
+    @torch.no_grad()
+    def normalize_(self):
+        params = dict(self.named_parameters())
+        for info in param_table(self.spec):
+            if info.unit_norm_axis is not None:
+                w = params[info.name]
+                w.copy_(w / w.norm(dim=1 - info.unit_norm_axis, keepdim=True))
+
+    model.normalize_ = types.MethodType(normalize_, model)
+
+
+def ngpt_inverse_sqrt_dk_scale(model):
+    from gptspec.backends.torch.ngpt import justnorm, rope
+
+    def forward(self, x, cos_sin):
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if cos_sin is not None:
+            q, k = rope(q, *cos_sin), rope(k, *cos_sin)
+        sqk = (self.sqk * self.sqk_scale).view(1, H, 1, D)
+        y = F.scaled_dot_product_attention(sqk * justnorm(q), sqk * justnorm(k), v, is_causal=True)  # 1/sqrt(D)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    for block in model.h:
+        block.attn.forward = types.MethodType(forward, block.attn)
+
+
 CONTROLS = [
     Broken("exact-erf-gelu", exact_erf_gelu),
     Broken("layernorm-eps-1e-6", layer_norm_eps_1e_6),
@@ -98,6 +133,14 @@ CONTROLS = [
     Broken("conv1d-untransposed", break_weights=conv1d_left_untransposed),
 ]
 CASES = [Case("test-mini", 0, batch=2, length=48), Case("gpt2", 0, batch=1, length=64)]
+# (variant, bug): each variant's controls run on that variant's model
+VARIANT_CONTROLS = [
+    ("softmax1", Broken("softmax1-as-softmax", standard_softmax_for_sinks)),
+    ("softmax_c", Broken("softmax_c-as-softmax", standard_softmax_for_sinks)),
+    ("ngpt", Broken("ngpt-normalize-wrong-axis", ngpt_normalize_wrong_axis)),
+    ("ngpt", Broken("ngpt-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),
+    ("ngpt-seed", Broken("ngpt-seed-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
@@ -112,6 +155,16 @@ def test_broken_model_is_flagged(control, control_outcomes):
     numeric = [c for c in outcome.failures if not c.note]
     assert numeric, f"{control.name} passed conformance: the suite cannot see this bug"
     assert not outcome.ok
+
+
+@pytest.mark.parametrize("variant, control", VARIANT_CONTROLS, ids=lambda x: getattr(x, "name", x))
+def test_broken_variant_is_flagged(variant, control):
+    case = Case("test-mini", 0, batch=2, length=48, variant=variant)
+    outcomes = run_case([TorchBackend(), control], case, "float32", "cpu", pairwise=False)
+    right, wrong = outcomes
+    assert right.ok, [c.tensor for c in right.failures]  # the same checks pass the correct model
+    assert wrong.status == "ran", wrong.message
+    assert [c for c in wrong.failures if not c.note], f"{control.name} passed: the suite cannot see this bug"
 
 
 def test_correct_model_passes_the_same_checks():

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptspec.spec import IGNORE_INDEX, InputError, ModelSpec, param_table, reference
+from gptspec.spec.variants import VARIANTS
 from gptspec.weights import synthetic_params
 
 
@@ -20,12 +21,14 @@ def _params(spec, seed):
 
 @st.composite
 def problems(draw):
+    variant = VARIANTS[draw(st.sampled_from(list(VARIANTS)))]
     n_head = draw(st.integers(1, 3))
-    spec = ModelSpec(
+    head_dim = draw(st.sampled_from([2, 4]) if variant.changes.get("positions") == "rope" else st.integers(1, 4))
+    spec = variant.apply(ModelSpec(
         vocab_size=draw(st.integers(2, 13)), n_positions=draw(st.integers(1, 6)),
-        n_embd=n_head * draw(st.integers(1, 4)), n_head=n_head, n_layer=draw(st.integers(1, 2)),
+        n_embd=n_head * head_dim, n_head=n_head, n_layer=draw(st.integers(1, 2)),
         norm_eps=draw(st.sampled_from([1e-5, 1e-2])),
-    )
+    ))
     B, T = draw(st.integers(1, 2)), draw(st.integers(1, spec.n_positions))
     ids = st.integers(0, spec.vocab_size - 1)
     tokens = np.array(draw(st.lists(ids, min_size=B * T, max_size=B * T))).reshape(B, T)
@@ -34,7 +37,7 @@ def problems(draw):
     return spec, tokens, targets.reshape(B, T), draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_backward_matches_central_finite_differences(problem):
     spec, tokens, targets, seed = problem

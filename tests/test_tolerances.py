@@ -41,3 +41,11 @@ def test_calibration_covers_every_installed_backend():
 def test_nice_bound_ladder(measured, expected):
     b = nice_bound(measured)
     assert b == expected and 3 * measured <= b <= 7.5 * measured
+
+
+def test_spec_shows_the_calibrated_bounds():
+    from gptspec.conformance.calibrate import BEGIN, END, SPEC_FILE, spec_table
+
+    text = SPEC_FILE.read_text()
+    shown = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert shown == spec_table(policy()).strip(), "SPEC.md section 9 is stale: rerun the calibration"

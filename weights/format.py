@@ -4,14 +4,16 @@ A canonical file holds exactly the tensors of the spec's parameter table (the ti
 is not stored: it is `wte.weight`), all in one dtype (float32, float16 or bfloat16), and
 its `__metadata__` says what it is:
 
-    model_spec    ModelSpec JSON                    spec_version  SPEC_VERSION of the writer
-    synthetic     "true" | "false"                  origin        where the weights came from
+    model_spec    ModelSpec JSON (decides the architecture)   spec_version  SPEC_VERSION of the writer
+    variant       the variant's name, for people             synthetic     "true" | "false"
+    origin        where the weights came from
 
 Files are written to a temporary name and renamed into place, so a failed write never
 leaves a half-written file behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -47,6 +49,19 @@ class Checkpoint:
     def describe(self) -> str:
         kind = "SYNTHETIC weights" if self.synthetic else "weights"
         return f"{kind} from {self.source} ({self.stored_dtype}, {self.spec.n_params:,} parameters)"
+
+
+def fingerprint(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> str:
+    """'sha256:<hex>' of the canonical weights: every tensor of the parameter table, in table order,
+    as its name, numpy dtype, shape and little-endian bytes. The same weights give the same
+    fingerprint on every machine; it covers the values only (compare the ModelSpec for the config)."""
+    h = hashlib.sha256()
+    for p in param_table(spec):
+        a = np.asarray(params[p.name])
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        h.update(f"{p.name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return "sha256:" + h.hexdigest()
 
 
 # -- bfloat16 without a numpy bfloat16 dtype ---------------------------------------------
@@ -118,8 +133,11 @@ def save(
 ) -> Path:
     """Write a canonical gptspec file."""
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to save")
+    from ..spec.variants import variant_name
+
     metadata = {
         "model_spec": spec.to_json(),
+        "variant": variant_name(spec),  # informational: model_spec alone decides the architecture
         "spec_version": SPEC_VERSION,
         "synthetic": "true" if synthetic else "false",
         "origin": origin,

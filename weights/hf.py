@@ -183,6 +183,14 @@ def write_hf(
     *, synthetic: bool = False,
 ) -> Path:
     """Write config.json and model.safetensors as `GPT2LMHeadModel.save_pretrained` would."""
+    from ..spec import OPTIONS
+
+    for option, values in OPTIONS.items():
+        if getattr(spec, option) != values[0]:
+            raise WeightsError(
+                f"the Hugging Face GPT-2 layout cannot hold {option}={getattr(spec, option)!r} "
+                "(only GPT-2 itself); write a canonical gptspec file instead (gptspec.weights.save)"
+            )
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to export")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,13 @@ from pathlib import Path
 from ..spec import PRESETS, ModelSpec, WeightsError
 from .format import Checkpoint, is_canonical, read, read_safetensors
 from .hf import find_weights_file, read_hf
+from .llmc import MAGIC as LLMC_MAGIC, OTHER_MAGICS as LLMC_OTHER_MAGICS, read_llmc
+from .nanogpt import read_nanogpt
 from .synthetic import synthetic_params
 
 ENV_VAR = "GPTSPEC_WEIGHTS"
 HF_ORGS = ("", "openai-community")
+NANOGPT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def hf_hub_cache() -> Path:
@@ -32,14 +35,17 @@ def hf_hub_cache() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def read_path(path: str | os.PathLike) -> Checkpoint:
-    """A canonical file, a directory holding one, or a Hugging Face checkpoint."""
+def read_path(path: str | os.PathLike, *, progress=None) -> Checkpoint:
+    """A canonical file, a directory holding one, a Hugging Face checkpoint, a nanoGPT `ckpt.pt`
+    (or its out directory) or an llm.c `.bin` model file."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     if path.is_dir():
         weights = find_weights_file(path)
         if weights is None:
+            if (path / "ckpt.pt").is_file():  # nanoGPT's out directory
+                return read_nanogpt(path / "ckpt.pt", progress=progress)
             raise WeightsError(
                 f"{path}: a directory with no weights (looked for model.safetensors, "
                 "model.safetensors.index.json, pytorch_model.bin)"
@@ -51,7 +57,31 @@ def read_path(path: str | os.PathLike) -> Checkpoint:
         # one cheap header read decides which layout it is
         _, metadata, _ = _header(path)
         return read(path) if is_canonical(metadata) else read_hf(path)
+    kind = sniff(path)
+    if kind == "llmc":
+        return read_llmc(path, progress=progress)
+    if kind == "nanogpt":
+        return read_nanogpt(path, progress=progress)
     return read_hf(path)
+
+
+def sniff(path: Path) -> str:
+    """Which reader a file goes to, from its first bytes and its name: 'llmc' (an llm.c magic number,
+    or a .bin that is neither a torch file nor beside a config.json), 'nanogpt' (.pt/.pth/.ckpt, or a
+    torch file with no config.json beside it) or 'hf' (pytorch_model.bin beside its config.json)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if len(head) == 4 and int.from_bytes(head, "little", signed=True) in (LLMC_MAGIC, *LLMC_OTHER_MAGICS):
+        return "llmc"
+    if path.suffix in NANOGPT_SUFFIXES:
+        return "nanogpt"
+    torch_file = head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02"  # torch's zip or legacy pickle
+    has_config = (path.parent / "config.json").is_file()
+    if torch_file and not has_config:
+        return "nanogpt"
+    if path.suffix == ".bin" and not torch_file and not has_config:
+        return "llmc"  # its reader says what is wrong with the header
+    return "hf"
 
 
 def _header(path: Path):
@@ -130,20 +160,23 @@ def locate(name: str) -> Path:
     raise WeightsError(f"no weights found for {name!r}. Looked in:\n{where}\nTo provide them: {hint}.")
 
 
-def load_checkpoint(source) -> Checkpoint:
-    """A Checkpoint from a Checkpoint, a path, a `synthetic:` name, or a model name."""
+def load_checkpoint(source, *, progress=None) -> Checkpoint:
+    """A Checkpoint from a Checkpoint, a path, a `synthetic:` name, or a model name.
+
+    `progress(task, bytes_done, bytes_total)`, if given, is called as the nanoGPT and llm.c readers
+    go (per tensor); the other formats read without reporting."""
     if isinstance(source, Checkpoint):
         return source
     text = os.fspath(source)
     if text.startswith("synthetic:"):
         return _synthetic(text)
     if os.path.exists(text) or (_looks_like_path(text) and not _REPO_ID.fullmatch(text)):
-        return read_path(text)  # a path that does not exist is reported as such
-    return read_path(locate(text))
+        return read_path(text, progress=progress)  # a path that does not exist is reported as such
+    return read_path(locate(text), progress=progress)
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # e.g. openai-community/gpt2
 
 
 def _looks_like_path(text: str) -> bool:
-    return os.sep in text or "/" in text or text.endswith((".safetensors", ".bin", ".json"))
+    return os.sep in text or "/" in text or text.endswith((".safetensors", ".bin", ".json", *NANOGPT_SUFFIXES))

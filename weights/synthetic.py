@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from ..spec import ModelSpec, param_table
-from ..spec.params import ParamInfo, gpt2_init
+from ..spec.params import ParamInfo, init_law, ngpt_scales
 
 INITS = ("gpt2", "conformance")
 
@@ -29,7 +29,7 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _gpt2(spec: ModelSpec, p: ParamInfo, rng) -> np.ndarray:
-    mean, std = gpt2_init(spec, p)
+    mean, std = init_law(spec, p)
     if std == 0:
         return np.full(p.shape, mean, np.float32)
     return rng.standard_normal(p.shape, dtype=np.float32) * np.float32(std) + np.float32(mean)
@@ -37,12 +37,20 @@ def _gpt2(spec: ModelSpec, p: ParamInfo, rng) -> np.ndarray:
 
 def _conformance(spec: ModelSpec, p: ParamInfo, rng) -> np.ndarray:
     z = rng.standard_normal(p.shape, dtype=np.float32)
+    if p.role in ngpt_scales(spec):
+        init = np.float32(ngpt_scales(spec)[p.role].init)
+        # alphas of both signs, so that |alpha| and alpha differ; other scales near their init
+        return init * z if p.role == "ngpt_alpha" else init * (1 + np.float32(0.2) * z)
+    if p.unit_norm_axis is not None:
+        return z  # normalized afterwards
     if p.role in ("token_embedding", "position_embedding"):
         return z * np.float32(2.0 / math.sqrt(spec.n_embd))  # logits ~ N(0, 4)
     if p.role in ("linear", "residual_linear"):
         return z / np.float32(math.sqrt(p.shape[1]))  # unit-variance outputs
     if p.role == "norm_gain":
         return 1 + np.float32(0.2) * z
+    if p.role == "attention_sink":
+        return z  # sink logits comparable to the attention scores
     return np.float32(0.2) * z  # biases, norm biases
 
 
@@ -52,7 +60,17 @@ def synthetic_params(spec: ModelSpec, seed: int = 0, init: str = "gpt2") -> dict
         make = {"gpt2": _gpt2, "conformance": _conformance}[init]
     except KeyError:
         raise ValueError(f"unknown synthetic init {init!r}; choose one of {INITS}") from None
-    return {p.name: make(spec, p, _rng(seed, p.name)) for p in param_table(spec)}
+    params = {p.name: make(spec, p, _rng(seed, p.name)) for p in param_table(spec)}
+    return _normalized(spec, params)
+
+
+def _normalized(spec: ModelSpec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """nGPT starts from unit-norm matrices (SPEC.md 11.3), normalized in float32 like the backends."""
+    for p in param_table(spec):
+        if p.unit_norm_axis is not None:
+            w = params[p.name]
+            params[p.name] = w / np.sqrt((w * w).sum(axis=p.unit_norm_axis, keepdims=True))
+    return params
 
 
 def write_synthetic(directory, spec: ModelSpec, seed: int = 0, init: str = "gpt2", dtype: str = "float32"):

@@ -7,10 +7,15 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ...spec import BackendError, ModelSpec
+from ...spec import OPTIONS, BackendError, ModelSpec
 from ...spec.checks import check_dtype, check_state_shapes
 from ..base import Backend, LossAndGrads
 from .model import GPT, check_targets_tensor, cross_entropy
+from .ngpt import NGPT
+
+
+def model_class(spec: ModelSpec):
+    return NGPT if spec.architecture == "ngpt" else GPT
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +47,7 @@ def ieee_float32():
 class TorchBackend(Backend):
     name = "torch"
     extra = "gptspec[torch]"
+    implements = OPTIONS
 
     def version(self) -> str:
         return f"torch {torch.__version__}"
@@ -61,25 +67,40 @@ class TorchBackend(Backend):
         return ("float32", "bfloat16", "float16")
 
     def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
-              device=None) -> GPT:
+              device=None) -> torch.nn.Module:
+        self.check_supported(spec)
         dev = resolve_device(device)
         dtype = check_dtype(dtype, self.dtypes(str(dev)), f"torch on {dev}")
         check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "weights for torch")
         with torch.device("meta"):
-            model = GPT(spec)  # no memory, no init: every tensor is replaced below
-        state = {n: torch.from_numpy(np.asarray(a)).to(device=dev, dtype=_DTYPES[dtype]) for n, a in params.items()}
+            model = model_class(spec)(spec)  # no memory, no init: every tensor is replaced below
+        # torch.tensor copies: the model must never alias (and normalize_ never write into) the caller's arrays
+        state = {n: torch.tensor(np.asarray(a), dtype=_DTYPES[dtype], device=dev) for n, a in params.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def _tensor(self, model: GPT, array: np.ndarray) -> torch.Tensor:
+    def normalize(self, model) -> None:
+        if hasattr(model, "normalize_"):
+            model.normalize_()
+
+    def state(self, model) -> dict[str, np.ndarray]:
+        return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+
+    def _tensor(self, model, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(model.wte.weight.device)
 
-    def forward(self, model: GPT, tokens: np.ndarray) -> np.ndarray:
+    def forward(self, model, tokens: np.ndarray) -> np.ndarray:
         with torch.no_grad(), ieee_float32():
             logits = model(self._tensor(model, tokens))
         return logits.float().cpu().numpy()
 
-    def loss_and_grads(self, model: GPT, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
+    def extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
+        cache = model.make_cache() if cache is None else cache
+        with torch.no_grad(), ieee_float32():
+            logits = model(self._tensor(model, tokens), cache=cache, last_only=last_only)
+        return logits.float().cpu().numpy(), cache
+
+    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
         tokens_t, targets_t = self._tensor(model, tokens), self._tensor(model, targets)
         check_targets_tensor(model.spec, tokens_t, targets_t)
         model.zero_grad(set_to_none=True)

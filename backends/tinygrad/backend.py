@@ -1,0 +1,226 @@
+"""The tinygrad backend behind gptspec.backends.load("tinygrad", ...) and the conformance suite.
+
+Devices follow tinygrad's convention: with no device, tinygrad's default (DEV=CPU|CUDA|NV|METAL,
+else the first device that opens); `device=` takes torch-style names and maps them onto tinygrad's
+("cpu" -> "CPU", "cuda:1" -> "CUDA:1", "mps" -> "METAL"). tinygrad 0.14's CPU device builds its
+worker programs and, with the default renderer, every kernel with clang ($CC): no clang, no CPU.
+
+Generation (`extend`, SPEC.md 12) keeps a KVCache (model.py) of n_positions per layer: a prefill or
+a chunk of tokens runs eagerly at its concrete positions; a decoding step (one token per row) has the
+same shapes at every position, so it is one TinyJit per batch size, replayed with the position bound
+to a Variable, as tinygrad's own gpt2 example decodes.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import weakref
+from typing import Mapping
+
+import numpy as np
+from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, nn
+from tinygrad.device import ALL_DEVICES
+from tinygrad.helpers import EMULATED_DTYPES
+
+from ...spec import DTYPES, OPTIONS, BackendError, ModelSpec
+from ...spec.checks import check_dtype, check_state_shapes, check_targets_array, check_tokens_array
+from ...weights.format import to_bfloat16_bits
+from ..base import Backend, LossAndGrads
+from .model import GPT, KVCache, LanguageModel, cross_entropy
+from .ngpt import NGPT
+
+NO_CLANG = ("tinygrad's CPU device compiles its kernels with clang, which is not installed "
+            "(Debian/Ubuntu: sudo apt-get install clang; macOS: xcode-select --install; or set CC to a clang)")
+
+
+def clang() -> str | None:
+    """The C compiler tinygrad's CPU device runs ($CC, else clang), or None if there is none."""
+    return shutil.which(os.environ.get("CC", "clang"))
+
+
+def tinygrad_device(device: str | None = None) -> str:
+    """'cpu', 'cuda', 'cuda:1', 'nv', 'metal', 'mps' (or tinygrad's 'CUDA:1'...) -> tinygrad's name.
+    None -> tinygrad's own default, which honours DEV."""
+    if device is None:
+        try:
+            return Device.DEFAULT
+        except RuntimeError as e:  # tinygrad opened no device at all
+            raise BackendError(f"tinygrad has no usable device here: {NO_CLANG if clang() is None else e}") from None
+    kind, _, index = str(device).partition(":")
+    kind = {"MPS": "METAL"}.get(kind.upper(), kind.upper())
+    if kind not in ALL_DEVICES or not (index == "" or index.isdigit()):
+        raise BackendError(f"tinygrad has no device {device!r}; it has {', '.join(d.lower() for d in ALL_DEVICES)}")
+    return f"{kind}:{index}" if index not in ("", "0") else kind
+
+
+def why_not(dev: str) -> str | None:
+    """Why tinygrad cannot run on `dev` (a tinygrad name), or None when it can."""
+    if dev.split(":")[0] == "CPU" and clang() is None:
+        return NO_CLANG
+    try:
+        Device[dev]  # opens it once; tinygrad caches the open device
+    except Exception as e:  # noqa: BLE001 -- each runtime fails its own way (missing library, no GPU, no permission)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def resolve_device(device: str | None) -> str:
+    dev = tinygrad_device(device)
+    if (why := why_not(dev)) is not None:
+        raise BackendError(f"tinygrad cannot use device {device or dev!r}: {why}")
+    return dev
+
+
+@functools.cache
+def _clang_has_bf16(cc: str, arch: str) -> bool:
+    # tinygrad's ClangRenderer renders bf16 as __bf16, which clang >= 17 takes on x86 and clang 14
+    # (Debian 12) rejects: "__bf16 is not supported on this target". Same target as tinygrad's.
+    src = b"__bf16 f(__bf16 x) { return x; }"
+    cmd = [cc, "-x", "c", "-c", "-o", os.devnull, f"--target={arch}-none-unknown-elf", "-"]
+    return subprocess.run(cmd, input=src, capture_output=True).returncode == 0
+
+
+def ensure_bfloat16(dev: str) -> None:
+    """Turn on tinygrad's bf16 emulation (EMULATED_DTYPES=bfloat16: float32 arithmetic, bf16 storage)
+    when `dev` compiles with a clang that has no __bf16. Process-wide: tinygrad realizes lazily, so a
+    model's kernels may compile long after load() returns. Other renderers report what they lack
+    themselves (Renderer.supported_dtypes) and tinygrad emulates it without being asked."""
+    d = Device[dev]
+    if type(d.renderer).__name__ != "ClangRenderer" or _clang_has_bf16(clang(), d.arch.split(",")[0]):
+        return
+    emulated = [x for x in EMULATED_DTYPES.value.split(",") if x]
+    if "bfloat16" not in emulated:
+        EMULATED_DTYPES.value = ",".join(emulated + ["bfloat16"])
+
+
+def model_class(spec: ModelSpec) -> type[LanguageModel]:
+    return NGPT if spec.architecture == "ngpt" else GPT
+
+
+def _param(a: np.ndarray, dtype: str, dev: str) -> Tensor:
+    # round on the host exactly as the reference does (nearest, ties to even); numpy has no bfloat16,
+    # so bf16 travels as its bit pattern. Always a fresh host array: Tensor(ndarray) wraps the array
+    # itself (tinygrad's NPY device) until realized, and the model must never alias the caller's
+    # arrays (which may be read-only; normalize_ writes into the model's own buffers only).
+    if dtype == "bfloat16":
+        return Tensor(to_bfloat16_bits(a), device=dev).bitcast(dtypes.bfloat16)
+    return Tensor(np.array(a, dtype=dtype, order="C"), device=dev)
+
+
+# TinyJits per model and input shape. Kept beside the model, not on it: nn.state.get_state_dict would
+# find the captured Tensors; weak, so that a model's jits (and their buffers) die with it.
+_jits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _logits(ref, tokens: Tensor) -> Tensor:
+    return ref().forward(tokens).float()
+
+
+def _extend(ref, tokens: Tensor, kv: list[Tensor], start: int | UOp, last_only: bool = False) -> Tensor:
+    # the cache's layers go in as a list: TinyJit takes the Tensors of a list argument as inputs, so a
+    # replay writes into (and reads) whichever cache it is given, not the one it was captured with
+    logits = ref().forward(tokens, kv, start, last_only).float()
+    Tensor.realize(logits, *kv)  # the cache's writes and the logits in one schedule
+    return logits
+
+
+def _loss_and_grads(ref, tokens: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
+    model = ref()
+    logits = model.forward(tokens)
+    loss = cross_entropy(logits, targets)
+    # one realize for all: the forward runs once and the backward shares it (TinyJit realizes the returns together);
+    # gradients in the state dict's (canonical) order, which loss_and_grads names them by
+    grads = loss.gradient(*nn.state.get_state_dict(model).values())
+    return (loss, logits.float(), *(g.float() for g in grads))
+
+
+def jit(model: LanguageModel, fn, *shapes) -> TinyJit:
+    """The model's TinyJit of `fn` for these input shapes (call 1 runs eagerly, 2 captures, 3+ replay).
+    A capture holds the weights' buffers; normalize_ assigns into those same buffers, so it stays valid."""
+    per_model = _jits.setdefault(model, {})
+    if (key := (fn, shapes)) not in per_model:
+        per_model[key] = TinyJit(functools.partial(fn, weakref.ref(model)))
+    return per_model[key]
+
+
+class TinygradBackend(Backend):
+    name = "tinygrad"
+    extra = "gptspec[tinygrad]"
+    implements = OPTIONS
+
+    def version(self) -> str:
+        return f"tinygrad {importlib.metadata.version('tinygrad')}"
+
+    def devices(self) -> list[str]:
+        try:
+            default = tinygrad_device(None)
+        except BackendError:
+            default = None
+        return [d.lower() for d in dict.fromkeys(filter(None, (default, "CPU"))) if why_not(d) is None]
+
+    def unavailable_reason(self) -> str | None:
+        if self.devices():
+            return None
+        return NO_CLANG if clang() is None else f"tinygrad opens no device here: {why_not('CPU')}"
+
+    def dtypes(self, device: str) -> tuple[str, ...]:
+        resolve_device(device)
+        return DTYPES  # what a renderer lacks, tinygrad emulates (bf16 on CPU: see ensure_bfloat16)
+
+    def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
+              device=None) -> LanguageModel:
+        self.check_supported(spec)
+        dev = resolve_device(device)
+        dtype = check_dtype(dtype, self.dtypes(dev), f"tinygrad on {dev}")
+        check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "weights for tinygrad")
+        if dtype == "bfloat16":
+            ensure_bfloat16(dev)
+        model = model_class(spec)(spec)  # its init is lazy and replaced below, so never computed
+        state = {n: _param(a, dtype, dev) for n, a in params.items()}
+        nn.state.load_state_dict(model, state, verbose=False, realize=False)
+        Tensor.realize(*state.values())
+        return model
+
+    def normalize(self, model: LanguageModel) -> None:
+        if isinstance(model, NGPT):  # the only architecture with unit-norm weights
+            model.normalize_()
+
+    def state(self, model: LanguageModel) -> dict[str, np.ndarray]:
+        return {n: t.float().numpy() for n, t in nn.state.get_state_dict(model).items()}
+
+    def _ids(self, model: LanguageModel, array: np.ndarray) -> Tensor:
+        # int32: ids and -100 fit, and it is every device's native int
+        return Tensor(np.ascontiguousarray(array, dtype=np.int32), device=model.wte.weight.device)
+
+    def forward(self, model: LanguageModel, tokens: np.ndarray) -> np.ndarray:
+        check_tokens_array(model.spec, tokens)
+        tokens = np.asarray(tokens)
+        return jit(model, _logits, tokens.shape)(self._ids(model, tokens)).numpy()
+
+    def extend(self, model: LanguageModel, tokens: np.ndarray, cache: KVCache | None,
+               last_only: bool = False) -> tuple[np.ndarray, KVCache]:
+        check_tokens_array(model.spec, tokens)
+        tokens = np.asarray(tokens)
+        w = model.wte.weight
+        cache = KVCache(model.spec, tokens.shape[0], w.dtype, w.device) if cache is None else cache
+        n = cache.start(tokens.shape)  # checks the batch and the context (n + t <= n_positions)
+        ids = self._ids(model, tokens)
+        if tokens.shape[1] == 1:  # one shape at every position: replayed, the position a Variable
+            start = UOp.variable("start_pos", 0, model.spec.n_positions - 1).bind(n)
+            logits = jit(model, _extend, tokens.shape)(ids, cache.layers, start)
+        else:  # a prefill or a chunk: eagerly, at concrete positions (tinygrad reuses the kernels it compiled)
+            logits = _extend(weakref.ref(model), ids, cache.layers, n, last_only)
+        out = logits.numpy()
+        cache.offset = n + tokens.shape[1]
+        return out, cache
+
+    def loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
+        tokens, targets = np.asarray(tokens), np.asarray(targets)
+        check_tokens_array(model.spec, tokens)
+        check_targets_array(model.spec, tokens.shape, targets)
+        loss, logits, *grads = jit(model, _loss_and_grads, tokens.shape)(self._ids(model, tokens), self._ids(model, targets))
+        names = nn.state.get_state_dict(model)
+        return LossAndGrads(loss.item(), logits.numpy(), {n: g.numpy() for n, g in zip(names, grads)})

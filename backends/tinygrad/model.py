@@ -1,0 +1,208 @@
+"""GPT-2 in plain tinygrad, built from a ModelSpec (SPEC.md sections 2-4), with the attention
+variants of section 10 (softmax1, softmax_c, learned sinks); nGPT is in ngpt.py.
+
+Attribute paths are the spec's canonical names, so `nn.state.get_state_dict(model)` is a
+canonical state; Linear weights are (out, in) as nn.Linear keeps them; the LM head is the
+token embedding itself (`wte.weight` used twice, stored once).
+
+    model = GPT(spec)                                  # GPT-2's init law, drawn lazily
+    logits = model(tokens)                             # (B, T) int Tensor -> (B, T, vocab)
+    loss = model.loss(tokens, targets)                 # float32 scalar
+    grads = loss.gradient(*nn.state.get_parameters(model))
+
+    cache = KVCache(model.spec, batch=B, dtype=model.wte.weight.dtype)   # generation (SPEC.md 12)
+    logits = model(prompt, cache)                      # positions 0 .. T-1, kept in the cache
+    logits = model(next_tokens, cache, last_only=True) # (B, 1) at position T: (B, 1, vocab)
+"""
+from __future__ import annotations
+
+import math
+
+from tinygrad import Tensor, UOp, dtypes, nn
+
+from ...spec import IGNORE_INDEX, InputError, ModelSpec, param_table
+from ...spec.checks import check_cache_room, check_targets_array, check_tokens_array
+from ...spec.params import init_law
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: Tensor | None = None) -> Tensor:
+    """softmax(scale * q k^T, causal [, sink]) @ v for (B, H, T, D) queries and (B, H, L, D) keys and
+    values, in float32, returned in v's dtype.
+
+    The T queries are the last T of the L positions (L > T with a KV cache): query i sees keys
+    0 .. L-T+i, the causal mask aligned bottom-right (L == T without a cache). A lone query is the
+    last position and sees every key, so it needs no mask: L may then be symbolic (a decoding step
+    replayed by TinyJit at any position).
+
+    Not Tensor.scaled_dot_product_attention: that casts the scores back to the input dtype before its
+    softmax (and has no sinks), while SPEC.md 7 wants the softmax, and the p @ v it feeds, in float32.
+    `sink` (H,) is a logit per head that joins every row with a zero value (SPEC.md 10), unscaled.
+    """
+    B, H, T, _ = q.shape
+    L = k.shape[2]
+    att = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if T > 1:
+        att = Tensor.ones(T, L, dtype=dtypes.bool, device=q.device).tril(L - T).where(att, -math.inf)
+    if sink is None:
+        return (att.softmax(-1) @ v.float()).cast(v.dtype)
+    # The sink as an extra column of the scores, dropped after the softmax (gpt-oss's form). Why this
+    # form: softmax subtracts the row max, which now includes the sink, so m = max(z, max_s S) is the
+    # stable form of SPEC.md 10 (e^{z-m} <= 1 never overflows, however low the scores); the weights and
+    # the sink's share come out of one float32 softmax by the reference's own formula; and the learned
+    # sinks' gradient is left to autograd. The sigmoid form y * sigmoid(LSE - z) needs the LSE as a second
+    # reduction and rescales y after p @ v. Scores, softmax and p @ v in float32, whatever the dtype
+    # (SPEC.md 7): the sink only moves each weight by its share p0 (~1e-3 for softmax_c's c = 1e-3), which
+    # probabilities rounded to bfloat16 (8 bits) would blur. The sink joins every query row, cached or not.
+    z = sink.float().reshape(1, H, 1, 1).expand(B, H, T, 1)
+    return (att.cat(z, dim=-1).softmax(-1)[..., :L] @ v.float()).cast(v.dtype)
+
+
+class KVCache:
+    """Every layer's keys and values for generation (SPEC.md 12): one (2, B, H, n_positions, D) buffer
+    per layer, in the model's dtype, allocated whole as tinygrad's own gpt2 and llm examples do. A call
+    writes its keys and values at its positions and attends to the buffer's first n + t; the shapes of
+    a decoding step never change, so TinyJit can replay it with the position as a Variable.
+    `offset` is the number of positions held; `model(tokens, cache)` advances it."""
+
+    def __init__(self, spec: ModelSpec, batch: int, dtype=dtypes.float32, device: str | None = None):
+        self.n_positions, self.batch = spec.n_positions, batch
+        shape = (2, batch, spec.n_head, spec.n_positions, spec.head_dim)
+        # zeros, not empty: the buffer's tail is never read, but a debugger printing it should not meet NaNs
+        self.layers = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous() for _ in range(spec.n_layer)]
+        Tensor.realize(*self.layers)
+        self.offset = 0
+
+    def start(self, shape: tuple[int, ...]) -> int:
+        """The position of the first of (B, t) new tokens, checking that they fit this cache."""
+        B, t = shape
+        if B != self.batch:
+            raise InputError(f"tokens have {B} rows, the cache holds {self.batch}")
+        check_cache_room(self.n_positions, self.offset, t)
+        return self.offset
+
+
+def cached_keys_values(kv: Tensor, k: Tensor, v: Tensor, start: int | UOp) -> tuple[Tensor, Tensor]:
+    """Write (B, H, t, D) keys and values into a layer's cache buffer at positions start .. start+t-1
+    and return the keys and values of positions 0 .. start+t-1 (symbolic when `start` is a Variable).
+
+    Lazily: an assign to a view makes `kv` read as the buffer after the write, so the whole forward
+    stays one graph, realized once with the cache (`Tensor.realize(logits, *kv)`). A realize here
+    would not keep the layers below as buffers, and every layer would recompute them (L^2/2 layers)."""
+    end = start + k.shape[2]
+    kv[:, :, :, start:end].assign(Tensor.stack(k, v).cast(kv.dtype))
+    return kv[0, :, :, :end], kv[1, :, :, :end]
+
+
+class CausalSelfAttention:
+    def __init__(self, spec: ModelSpec):
+        self.n_head = spec.n_head
+        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd)
+        if spec.attention == "learned_sinks":  # here, so that the state dict keeps the canonical order
+            self.sinks = Tensor.zeros(spec.n_head)
+        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd)
+        # softmax1 / softmax_c: a constant sink logit, ln c (no parameter, no gradient)
+        self.sink_logit = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
+
+    def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = [t.reshape(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2)]
+        if kv is not None:
+            k, v = cached_keys_values(kv, k, v, start)
+        sink = getattr(self, "sinks", None)
+        if self.sink_logit is not None:
+            sink = Tensor.full((H,), self.sink_logit, device=x.device)
+        y = causal_attention(q, k, v, 1 / math.sqrt(D), sink)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP:
+    def __init__(self, spec: ModelSpec):
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd)
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd)
+
+    def __call__(self, x: Tensor) -> Tensor: return self.c_proj(self.c_fc(x).gelu())  # tinygrad's gelu is the tanh form
+
+
+class Block:
+    def __init__(self, spec: ModelSpec):
+        self.ln_1 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.attn = CausalSelfAttention(spec)
+        self.ln_2 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.mlp = MLP(spec)
+
+    def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
+        x = x + self.attn(_norm(self.ln_1, x), kv, start)
+        return x + self.mlp(_norm(self.ln_2, x))
+
+
+def _norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+    # Statistics in float32, as torch does inside its half LayerNorm: in float16, x*x of the residual
+    # stream loses bits (and overflows past 256). Measured on test-mini: float16 loss error 5.2e-5 -> 1.7e-5.
+    return ln(x.float()).cast(x.dtype)
+
+
+class LanguageModel:
+    """What GPT and NGPT share: checked calls around their unchecked `forward`."""
+    spec: ModelSpec
+
+    def forward(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
+                last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab_size) in the parameters' dtype; no input checks (what TinyJit captures).
+        With `kv` (a KVCache's layers) the tokens sit at positions start .. start+T-1 and their keys
+        and values join the cache; `last_only`: the last position's logits only (B, 1, vocab_size)."""
+        raise NotImplementedError
+
+    def __call__(self, tokens: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab_size) for (B, T) integer token ids; with `cache`, at the positions after
+        those it holds, which the tokens join (SPEC.md 12)."""
+        check_tokens_array(self.spec, tokens.numpy())
+        if cache is None:
+            return self.forward(tokens, last_only=last_only)
+        n = cache.start(tokens.shape)
+        logits = self.forward(tokens, cache.layers, n, last_only)
+        Tensor.realize(logits, *cache.layers)  # the writes into the cache happen with the logits, once
+        cache.offset = n + tokens.shape[1]
+        return logits
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """The spec's loss (float32 scalar) of the logits for `tokens` against `targets`."""
+        check_tokens_array(self.spec, tokens.numpy())
+        check_targets_array(self.spec, tokens.shape, targets.numpy())
+        return cross_entropy(self.forward(tokens), targets)
+
+
+class GPT(LanguageModel):
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
+        self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
+        self.h = [Block(spec) for _ in range(spec.n_layer)]
+        self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        # the spec's init law (spec.params.init_law) in place of tinygrad's defaults; lazy, so free when loading replaces it
+        state = nn.state.get_state_dict(self)
+        for p in param_table(spec):
+            mean, std = init_law(spec, p)
+            state[p.name].replace(Tensor.normal(*p.shape, mean=mean, std=std) if std else Tensor.full(p.shape, mean))
+
+    def forward(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
+                last_only: bool = False) -> Tensor:
+        x = self.wte(tokens) + self.wpe.weight[start:start + tokens.shape[1]]  # learned positions from `start`
+        for i, block in enumerate(self.h):
+            x = block(x, kv[i] if kv is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
+        return _norm(self.ln_f, x) @ self.wte.weight.T  # LM head tied to the token embedding
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over targets != IGNORE_INDEX, in float32 whatever the logits' dtype."""
+    nll = logits.float().sparse_categorical_crossentropy(targets, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = targets != IGNORE_INDEX
+    n = counted.sum()
+    # Two-pass mean. tinygrad sums in order: a hundred float32 losses near 7 lose up to ~3e-7 of their
+    # mean (measured; torch's cascade sum ~1e-7), while each row is good to ~1e-8. Summing deviations
+    # from a first estimate keeps the partial sums small, so the mean is good to ~0.5 ulp; the identity
+    # is exact, and the gradient (counted / n per row) does not see the detached estimate.
+    rough = (nll.sum() / n).detach()
+    return rough + ((nll - rough) * counted).sum() / n

@@ -1,0 +1,364 @@
+"""Conformance across machines: portable run artifacts, recorded here and compared anywhere.
+
+An artifact is one safetensors file per (backend, device, dtype, case): the inputs (`tokens`,
+`targets`, int64), the backend's `logits` (float32), `loss` (float64 scalar), `grads/<name>` for
+every parameter and, where the spec keeps weights unit-norm, `normalized/<name>` (float32,
+canonical names), with `__metadata__` saying what ran where (SPEC.md, "Conformance artifacts").
+
+    paths = record([get("torch")], cases(), ["float32"], "artifacts/")
+    result = compare(paths + other_machines_paths)     # pairwise, and against the float64 reference
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from itertools import combinations
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from ..spec import DTYPES, SPEC_VERSION, ModelSpec, SpecError, WeightsError, param_table, reference
+from ..weights import round_to_dtype
+from ..weights.format import fingerprint
+from .cases import Case
+from .metrics import Check
+from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, perturb,
+                     reference_run)
+
+FORMAT = "gptspec-conformance-artifact"
+FORMAT_VERSION = "1"
+TENSORS = ("tokens", "targets", "logits", "loss")  # besides grads/<name> and normalized/<name>
+METADATA = ("backend", "device", "dtype", "spec_version", "model_spec", "case", "case_fields", "fingerprint")
+
+
+class ArtifactError(WeightsError):
+    """An unreadable artifact, or artifacts that cannot be compared with one another."""
+
+
+@dataclass
+class Artifact:
+    path: Path
+    meta: dict[str, str]
+    tokens: np.ndarray
+    targets: np.ndarray
+    run: Run
+    spec: ModelSpec
+    label: str = ""   # how tables name it: backend/device (plus #i when that is ambiguous)
+
+    case = property(lambda self: self.meta["case"])
+    dtype = property(lambda self: self.meta["dtype"])
+    synthetic = property(lambda self: self.meta.get("synthetic") == "true")
+
+
+@dataclass
+class Recorded:
+    case: str
+    backend: str
+    device: str
+    dtype: str
+    status: str                 # "written" | "error" | a gap (runner.GAPS)
+    path: Path | None = None
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Comparison:
+    artifacts: list[Artifact]
+    outcomes: list[Outcome]
+    notes: list[str] = field(default_factory=list)  # reference comparisons skipped, and why
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+
+# -- writing and reading ----------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "machine": platform.machine(), "python": platform.python_version()}
+
+
+def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    """Write atomically: a temporary file beside `path`, renamed over it once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an artifact is meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def tensors_of(run: Run, tokens: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"tokens": np.asarray(tokens, np.int64), "targets": np.asarray(targets, np.int64),
+           "logits": np.asarray(run.logits, np.float32), "loss": np.asarray(run.loss, np.float64)}
+    out.update({f"grads/{n}": np.asarray(g, np.float32) for n, g in run.grads.items()})
+    out.update({f"normalized/{n}": np.asarray(w, np.float32) for n, w in (run.normalized or {}).items()})
+    return out
+
+
+def read(path: str | os.PathLike) -> Artifact:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise ArtifactError(f"{path}: not a gptspec conformance artifact (no format={FORMAT} metadata)")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, FileNotFoundError, IsADirectoryError) as e:
+        raise ArtifactError(f"{path}: not a readable artifact: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {meta.get('format_version')!r}, "
+                            f"this gptspec reads {FORMAT_VERSION}")
+    missing = [k for k in TENSORS if k not in t] + [f"metadata {k}" for k in METADATA if k not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: an incomplete artifact, missing {', '.join(missing)}")
+    try:
+        spec = ModelSpec.from_json(meta["model_spec"])
+    except SpecError as e:
+        raise ArtifactError(f"{path}: no valid model_spec in its metadata: {e}") from None
+    part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+    run = Run(t["logits"], float(t["loss"].reshape(())), part("grads/"), 0.0, part("normalized/") or None)
+    return Artifact(path, meta, t["tokens"], t["targets"], run, spec)
+
+
+def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; directories become the artifacts found in them (recursively, sorted)."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
+    return out
+
+
+# -- recording --------------------------------------------------------------------------------
+def portable(case: Case, weights_name: str | None) -> Case:
+    """The case as another machine can name it: real weights by name, not by this machine's path."""
+    if case.weights is None:
+        return case
+    name = weights_name or case.weights
+    if not os.path.exists(name):
+        return replace(case, weights=name)  # already a name: "gpt2", "openai-community/gpt2"
+    p = Path(name)
+    if "snapshots" in p.parts and p.parts[p.parts.index("snapshots") - 1].startswith("models--"):
+        return replace(case, weights="/".join(p.parts[p.parts.index("snapshots") - 1].split("--")[1:]))
+    return replace(case, weights=p.stem if p.suffix == ".safetensors" else p.name)
+
+
+def inputs_of(case: Case) -> Reference:
+    """What backend_run needs (spec, weights, inputs), without computing the float64 reference."""
+    ckpt = case.checkpoint()
+    tokens, targets = case.inputs(ckpt.spec)
+    ref = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), None, None, None, ckpt.synthetic)
+    if has_unit_norm_weights(ckpt.spec):
+        ref.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
+    return ref
+
+
+def file_name(case_id: str, backend: str, device: str, dtype: str) -> str:
+    slug = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in case_id)
+    return f"{slug}--{backend}-{device.replace(':', '')}-{dtype}.safetensors"
+
+
+def metadata(backend, case: Case, portable_case: Case, inputs: Reference, fp: str, dtype: str, device: str) -> dict:
+    from .. import __version__
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend.name, "device": device,
+        "dtype": dtype, "framework": backend.version(), "gptspec_version": __version__,
+        "spec_version": SPEC_VERSION, "model_spec": inputs.spec.to_json(), "case": portable_case.id,
+        "case_fields": json.dumps(asdict(portable_case)), "weights_path": case.weights or "",
+        "synthetic": "true" if inputs.synthetic else "false", "fingerprint": fp,
+        "machine": json.dumps(machine()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: str | os.PathLike, *,
+           device: str | None = None, weights_name: str | None = None,
+           on_result: Callable[[Recorded], None] | None = None) -> list[Recorded]:
+    """Run every backend on every case x dtype and write one artifact each into `out` (a directory,
+    or a .safetensors file when exactly one artifact results). A backend that raises is reported
+    as an error and the others are still recorded."""
+    cases, dtypes, out = list(cases), list(dtypes), Path(out)
+    count = len(cases) * len(dtypes) * len(backends)
+    if out.suffix == ".safetensors" and count != 1:
+        raise ArtifactError(f"--out {out} names one file, but {count} artifacts would be written: pass a directory")
+    results = []
+    for case in cases:
+        inputs, pcase = inputs_of(case), portable(case, weights_name)
+        fp = fingerprint(inputs.spec, inputs.params)
+        for dtype in dtypes:
+            for b in backends:
+                dev = device or b.devices()[0]
+                res = Recorded(pcase.id, b.name, dev, dtype, "written")
+                if b.unsupported(inputs.spec):
+                    res.status, res.message = "not implemented", b.unsupported(inputs.spec)
+                elif dtype not in b.dtypes(dev):
+                    res.status, res.message = "unsupported", f"{b.name} does not run {dtype} on {dev}"
+                else:
+                    try:
+                        run = backend_run(b, inputs, dtype, dev)
+                    except Exception as e:
+                        res.status, res.message = "error", f"{type(e).__name__}: {e}"
+                    else:
+                        target = out if out.suffix == ".safetensors" else out / file_name(pcase.id, b.name, dev, dtype)
+                        meta = metadata(b, case, pcase, inputs, fp, dtype, dev)
+                        res.path = write(target, tensors_of(run, inputs.tokens, inputs.targets), meta)
+                        res.seconds = run.seconds
+                results.append(res)
+                if on_result:
+                    on_result(res)
+    return results
+
+
+# -- comparing --------------------------------------------------------------------------------
+def _refuse(a: Artifact, b: Artifact, what: str) -> None:
+    raise ArtifactError(f"refusing to compare {a.path} with {b.path}: both claim case {a.case}, but {what}")
+
+
+def check_consistent(group: list[Artifact]) -> None:
+    """Artifacts of one case must hold the same checkpoint, spec version, model and inputs."""
+    first = group[0]
+    for other in group[1:]:
+        for key, what in (("spec_version", "spec versions"), ("fingerprint", "checkpoints (fingerprint)")):
+            if first.meta.get(key) != other.meta.get(key):
+                _refuse(first, other, f"they were written for different {what}: "
+                                      f"{first.meta.get(key)} vs {other.meta.get(key)}")
+        if first.spec != other.spec:
+            _refuse(first, other, "they describe different models (model_spec differs)")
+        for name in ("tokens", "targets"):
+            x, y = getattr(first, name), getattr(other, name)
+            if x.shape != y.shape or not np.array_equal(x, y):
+                differ = (f"shapes {x.shape} vs {y.shape}" if x.shape != y.shape
+                          else f"{int((x != y).sum())} positions differ")
+                _refuse(first, other, f"they hold different inputs ({name}: {differ})")
+    if first.meta["spec_version"] != SPEC_VERSION:
+        raise ArtifactError(f"{first.path}: written for spec version {first.meta['spec_version']}, "
+                            f"this gptspec implements {SPEC_VERSION}")
+
+
+def locate_reference(art: Artifact, weights: Iterable[str] = ()) -> tuple[Case | None, str]:
+    """The case whose checkpoint has the artifact's fingerprint here, or None and why not."""
+    try:
+        case = Case(**json.loads(art.meta["case_fields"]))
+    except (TypeError, ValueError) as e:
+        return None, f"reference comparison skipped for {art.case}: its case_fields are not understood here ({e})"
+    names = [None] if case.weights is None else list(dict.fromkeys(
+        n for n in (*weights, case.weights, art.meta.get("weights_path")) if n))
+    tried = []
+    for name in names:
+        candidate = case if name is None else replace(case, weights=name)
+        try:
+            ckpt = candidate.checkpoint()
+        except (WeightsError, SpecError, OSError) as e:
+            why = str(e).splitlines()[0].removesuffix(" Looked in:")
+            tried.append(why if why.startswith(str(name)) else f"{name}: {why}")
+            continue
+        fp = fingerprint(ckpt.spec, ckpt.params) if ckpt.spec == art.spec else "a different model_spec"
+        if fp == art.meta["fingerprint"]:
+            return candidate, ""
+        tried.append(f"{name or candidate.id + ' (synthetic)'}: different weights here ({fp[:23]}...)")
+    hint = "" if case.weights is None else f"; pass --weights PATH to the checkpoint named {case.weights!r}"
+    return None, (f"reference comparison skipped for {art.case}: no checkpoint with fingerprint "
+                  f"{art.meta['fingerprint'][:23]}... found here (tried {'; '.join(tried)}){hint}")
+
+
+def reference_for(case: Case, dtype: str, tokens: np.ndarray, targets: np.ndarray) -> Reference:
+    """runner.reference_run, on the artifact's inputs (recomputed only when they are not the case's)."""
+    ref = reference_run(case, dtype)
+    if np.array_equal(ref.tokens, tokens) and np.array_equal(ref.targets, targets):
+        return ref
+    rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ref.params.items()}
+    r = reference.loss_and_grads(ref.spec, rounded, tokens, targets)
+    return replace(ref, tokens=tokens, targets=targets, logits=r.logits, loss=r.loss, grads=r.grads)
+
+
+def _checks(x: Run, y, art: Artifact, subject: str, pairwise: bool, names: tuple[str, str]) -> list[Check]:
+    return compare_runs(x, y, case=art.case, subject=subject, device=art.meta["device"], dtype=art.dtype,
+                        pairwise=pairwise, names=names, param_names=[p.name for p in param_table(art.spec)])
+
+
+def _label(arts: list[Artifact]) -> None:
+    """backend/device, numbered where one case and dtype has several (e.g. torch/cuda from two machines)."""
+    for group in {(a.case, a.dtype): None for a in arts}:
+        members = [a for a in arts if (a.case, a.dtype) == group]
+        base = [f"{a.meta['backend']}/{a.meta['device']}" for a in members]
+        for i, (a, b) in enumerate(zip(members, base), 1):
+            a.label = b if base.count(b) == 1 else f"{b} #{i}"
+
+
+def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> Comparison:
+    """Every artifact against the float64 reference, and every two of one case and dtype against
+    each other (twice the bound). Artifacts of one case that disagree on checkpoint, spec version,
+    model or inputs raise ArtifactError. `weights`: more places to look for real weights."""
+    arts = [read(p) for p in paths]
+    _label(arts)
+    result = Comparison(arts, [])
+    for case in dict.fromkeys(a.case for a in arts):
+        group = [a for a in arts if a.case == case]
+        check_consistent(group)
+        ref_case, why = locate_reference(group[0], weights)
+        if why:
+            result.notes.append(why)
+        for dtype in sorted({a.dtype for a in group}, key=lambda d: (DTYPES + (d,)).index(d)):
+            members = [a for a in group if a.dtype == dtype]
+            ref = reference_for(ref_case, dtype, members[0].tokens, members[0].targets) if ref_case else None
+            for a in members:
+                o = Outcome(case, a.label, a.meta["device"], dtype, "ran", synthetic=a.synthetic)
+                if ref is None:
+                    o.status, o.message = "not run", why
+                else:
+                    o.subject += " vs reference"
+                    o.checks = _checks(a.run, ref, a, a.label, False, (a.label, "reference"))
+                result.outcomes.append(o)
+            for a, b in combinations(members, 2):
+                subject = f"{a.label}~{b.label}"
+                checks = _checks(a.run, b.run, a, subject, True, (a.label, b.label))
+                result.outcomes.append(Outcome(case, subject, f"{a.meta['device']}/{b.meta['device']}", dtype,
+                                               "ran", checks, synthetic=a.synthetic))
+    return result
+
+
+_local_runs: dict[tuple, Run] = {}
+
+
+def compare_with_local(art: Artifact, backends: list, device: str | None = None,
+                       weights: Iterable[str] = ()) -> list[Outcome]:
+    """One artifact against the reference and against this machine's backends on its inputs."""
+    art.label = art.label or f"{art.meta['backend']}/{art.meta['device']}"
+    case, why = locate_reference(art, weights)
+    if case is None:
+        return [Outcome(art.case, art.label, art.meta["device"], art.dtype, "not run", message=why)]
+    ref = reference_for(case, art.dtype, art.tokens, art.targets)
+    checks = _checks(art.run, ref, art, art.label, False, (art.label, "reference"))
+    outcomes = [Outcome(art.case, f"{art.label} vs reference", art.meta["device"], art.dtype, "ran", checks,
+                        synthetic=art.synthetic)]
+    key = (case, art.dtype, art.tokens.tobytes(), art.targets.tobytes())
+    for b in backends:
+        dev = device or b.devices()[0]
+        local, subject = f"{b.name}/{dev} (here)", f"{art.label}~{b.name}/{dev} (here)"
+        o = Outcome(art.case, subject, f"{art.meta['device']}/{dev}", art.dtype, "ran", synthetic=art.synthetic)
+        if b.unsupported(ref.spec) or art.dtype not in b.dtypes(dev):
+            o.status = "unsupported"
+            o.message = b.unsupported(ref.spec) or f"{b.name} does not run {art.dtype} on {dev}"
+        else:
+            if any(k[2:] != key for k in _local_runs):  # keep the runs of one case and inputs only
+                _local_runs.clear()
+            if (b.name, dev) + key not in _local_runs:
+                _local_runs[(b.name, dev) + key] = backend_run(b, ref, art.dtype, dev)
+            run = _local_runs[(b.name, dev) + key]
+            o.checks = _checks(art.run, run, art, subject, True, (art.label, local))
+        outcomes.append(o)
+    return outcomes
