@@ -5,6 +5,9 @@ gptspec.backends.
 """
 __version__ = "0.1.0"
 
-from .spec import ModelSpec  # noqa: E402
+# Absolute, not relative: the repository root is this package, and pytest, collecting tests/
+# below it, imports this file on its own (as "__init__", with no parent package) whenever the
+# clone's folder name is not a valid package name (a CI checkout such as tmp.Xy12).
+from gptspec.spec import ModelSpec  # noqa: E402
 
 __all__ = ["ModelSpec", "__version__"]
