@@ -23,7 +23,7 @@ SPEC_VERSION = "1"
 OPTIONS: dict[str, tuple[str, ...]] = {
     "architecture": ("gpt2", "ngpt"),
     "activation": ("gelu_tanh",),
-    "norm": ("layernorm",),
+    "norm": ("layernorm", "layernorm_noaffine", "rmsnorm"),
     "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
     "positions": ("learned", "rope", "none"),
     "mlp": ("gelu", "swiglu"),
@@ -32,7 +32,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 }
 # Options an architecture takes beyond GPT-2's single value (all others must keep their default).
 _ARCH_OPTIONS = {
-    "gpt2": {"attention": OPTIONS["attention"]},
+    "gpt2": {"attention": OPTIONS["attention"], "norm": OPTIONS["norm"]},
     "ngpt": {"positions": ("rope", "none"), "mlp": OPTIONS["mlp"],
              "ngpt_alpha": OPTIONS["ngpt_alpha"], "ngpt_scale": OPTIONS["ngpt_scale"]},
 }

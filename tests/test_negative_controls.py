@@ -133,10 +133,29 @@ CONTROLS = [
     Broken("conv1d-untransposed", break_weights=conv1d_left_untransposed),
 ]
 CASES = [Case("test-mini", 0, batch=2, length=48), Case("gpt2", 0, batch=1, length=64)]
+def rmsnorm_default_eps(model):
+    # nn.RMSNorm(C) without eps: torch then uses finfo(dtype).eps (1.2e-7 in float32), not the spec's 1e-5
+    for m in model.modules():
+        if isinstance(m, nn.RMSNorm):
+            m.eps = None
+
+
+def noaffine_layernorm_as_rmsnorm(model):
+    # the parameter-free LayerNorm computed without subtracting the mean
+    def rms(ln):
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ln.eps)
+
+    for block in model.h:
+        block.ln_1.forward, block.ln_2.forward = rms(block.ln_1), rms(block.ln_2)
+    model.ln_f.forward = rms(model.ln_f)
+
+
 # (variant, bug): each variant's controls run on that variant's model
 VARIANT_CONTROLS = [
     ("softmax1", Broken("softmax1-as-softmax", standard_softmax_for_sinks)),
     ("softmax_c", Broken("softmax_c-as-softmax", standard_softmax_for_sinks)),
+    ("rmsnorm", Broken("rmsnorm-default-eps", rmsnorm_default_eps)),
+    ("layernorm-noaffine", Broken("noaffine-layernorm-as-rmsnorm", noaffine_layernorm_as_rmsnorm)),
     ("ngpt", Broken("ngpt-normalize-wrong-axis", ngpt_normalize_wrong_axis)),
     ("ngpt", Broken("ngpt-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),
     ("ngpt-seed", Broken("ngpt-seed-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),

@@ -124,11 +124,18 @@ class MLP:
     def __call__(self, x: Tensor) -> Tensor: return self.c_proj(self.c_fc(x).gelu())  # tinygrad's gelu is the tanh form
 
 
+def make_norm(spec: ModelSpec):
+    """SPEC.md 3 and 14: the spec's norm, its eps always explicit (the frameworks' defaults differ)."""
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.n_embd, eps=spec.norm_eps)
+    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, elementwise_affine=spec.norm == "layernorm")
+
+
 class Block:
     def __init__(self, spec: ModelSpec):
-        self.ln_1 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_1 = make_norm(spec)
         self.attn = CausalSelfAttention(spec)
-        self.ln_2 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_2 = make_norm(spec)
         self.mlp = MLP(spec)
 
     def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
@@ -136,7 +143,7 @@ class Block:
         return x + self.mlp(_norm(self.ln_2, x))
 
 
-def _norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+def _norm(ln, x: Tensor) -> Tensor:
     # Statistics in float32, as torch does inside its half LayerNorm: in float16, x*x of the residual
     # stream loses bits (and overflows past 256). Measured on test-mini: float16 loss error 5.2e-5 -> 1.7e-5.
     return ln(x.float()).cast(x.dtype)
@@ -178,7 +185,7 @@ class GPT(LanguageModel):
         self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
         self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
         self.h = [Block(spec) for _ in range(spec.n_layer)]
-        self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_f = make_norm(spec)
         # the spec's init law (spec.params.init_law) in place of tinygrad's defaults; lazy, so free when loading replaces it
         state = nn.state.get_state_dict(self)
         for p in param_table(spec):

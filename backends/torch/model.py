@@ -106,12 +106,19 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+def make_norm(spec: ModelSpec) -> nn.Module:
+    """SPEC.md 3 and 14: the spec's norm, its eps always explicit (the frameworks' defaults differ)."""
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.n_embd, eps=spec.norm_eps)
+    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, elementwise_affine=spec.norm == "layernorm")
+
+
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_1 = make_norm(spec)
         self.attn = CausalSelfAttention(spec)
-        self.ln_2 = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_2 = make_norm(spec)
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -127,7 +134,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
         self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
         self.h = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
-        self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.norm_eps)
+        self.ln_f = make_norm(spec)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

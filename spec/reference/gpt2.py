@@ -7,7 +7,7 @@ import numpy as np
 
 from .ops import (
     causal_attention_backward, causal_attention_forward, gelu_tanh_backward, gelu_tanh_forward,
-    layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
+    linear_backward, linear_forward, norm_backward, norm_forward,
 )
 
 
@@ -34,13 +34,13 @@ def attention_sink(spec, p, i):
 def _block_forward(spec, p, i, x):
     h = f"h.{i}."
     caches = {}
-    a, caches["ln_1"] = layer_norm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], spec.norm_eps)
+    a, caches["ln_1"] = norm_forward(spec, p, h + "ln_1", x)
     qkv, caches["c_attn"] = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
     q, k, v = (split_heads(t, spec.n_head) for t in np.split(qkv, 3, axis=-1))
     y, caches["attn"] = causal_attention_forward(q, k, v, 1.0 / math.sqrt(spec.head_dim), attention_sink(spec, p, i))
     y, caches["attn.c_proj"] = linear_forward(merge_heads(y), p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
     x = x + y
-    m, caches["ln_2"] = layer_norm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], spec.norm_eps)
+    m, caches["ln_2"] = norm_forward(spec, p, h + "ln_2", x)
     m, caches["c_fc"] = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
     m, caches["gelu"] = gelu_tanh_forward(m)
     m, caches["mlp.c_proj"] = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
@@ -53,7 +53,7 @@ def _block_backward(spec, i, dx, caches, grads):
     dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = linear_backward(dx, caches["mlp.c_proj"])
     dm = gelu_tanh_backward(dm, caches["gelu"])
     dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = linear_backward(dm, caches["c_fc"])
-    dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layer_norm_backward(dm, caches["ln_2"])
+    dm = norm_backward(spec, h + "ln_2", dm, caches["ln_2"], grads)
     dx = dx + dm
     dy, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = linear_backward(dx, caches["attn.c_proj"])
     dq, dk, dv, d_sink = causal_attention_backward(split_heads(dy, spec.n_head), caches["attn"])
@@ -61,7 +61,7 @@ def _block_backward(spec, i, dx, caches, grads):
         grads[h + "attn.sinks"] = d_sink
     dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
     da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = linear_backward(dqkv, caches["c_attn"])
-    da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layer_norm_backward(da, caches["ln_1"])
+    da = norm_backward(spec, h + "ln_1", da, caches["ln_1"], grads)
     return dx + da
 
 
@@ -73,7 +73,7 @@ def forward(spec, p, tokens):
     for i in range(spec.n_layer):
         x, c = _block_forward(spec, p, i, x)
         block_caches.append(c)
-    xf, ln_f_cache = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"], spec.norm_eps)
+    xf, ln_f_cache = norm_forward(spec, p, "ln_f", x)
     logits = xf @ p["wte.weight"].T  # LM head tied to the token embedding
     return logits, (tokens, block_caches, ln_f_cache, xf)
 
@@ -85,7 +85,7 @@ def backward(spec, p, cache, dlogits):
     V, C = p["wte.weight"].shape
     d_wte = dlogits.reshape(-1, V).T @ xf.reshape(-1, C)
     dx = dlogits @ p["wte.weight"]
-    dx, grads["ln_f.weight"], grads["ln_f.bias"] = layer_norm_backward(dx, ln_f_cache)
+    dx = norm_backward(spec, "ln_f", dx, ln_f_cache, grads)
     for i in reversed(range(spec.n_layer)):
         dx = _block_backward(spec, i, dx, block_caches[i], grads)
     np.add.at(d_wte, tokens.reshape(-1), dx.reshape(-1, C))  # embedding: scatter-add over ids

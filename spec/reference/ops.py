@@ -35,6 +35,40 @@ def layer_norm_backward(dy, cache):
     return dx, dg, db
 
 
+def rms_norm_forward(x, g, eps):
+    rrms = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat = x * rrms
+    return xhat * g, (xhat, rrms, g)
+
+
+def rms_norm_backward(dy, cache):
+    xhat, rrms, g = cache
+    C = xhat.shape[-1]
+    dg = (dy * xhat).reshape(-1, C).sum(0)
+    dxhat = dy * g
+    return rrms * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True)), dg
+
+
+def norm_forward(spec, p, prefix, x):
+    """SPEC.md 3 and 14: the spec's norm at `prefix` (ln_1, ln_2, ln_f)."""
+    if spec.norm == "rmsnorm":
+        return rms_norm_forward(x, p[prefix + ".weight"], spec.norm_eps)
+    if spec.norm == "layernorm_noaffine":
+        return layer_norm_forward(x, 1.0, 0.0, spec.norm_eps)
+    return layer_norm_forward(x, p[prefix + ".weight"], p[prefix + ".bias"], spec.norm_eps)
+
+
+def norm_backward(spec, prefix, dy, cache, grads):
+    """d input of the norm at `prefix`; its parameters' gradients go into `grads`."""
+    if spec.norm == "rmsnorm":
+        dx, grads[prefix + ".weight"] = rms_norm_backward(dy, cache)
+        return dx
+    dx, dg, db = layer_norm_backward(dy, cache)
+    if spec.norm == "layernorm":
+        grads[prefix + ".weight"], grads[prefix + ".bias"] = dg, db
+    return dx
+
+
 def linear_forward(x, w, b=None):
     y = x @ w.T
     return (y if b is None else y + b), (x, w, b is not None)
