@@ -24,6 +24,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "architecture": ("gpt2", "ngpt"),
     "activation": ("gelu_tanh",),
     "norm": ("layernorm", "layernorm_noaffine", "rmsnorm"),
+    "bias": ("on", "off"),
     "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
     "positions": ("learned", "rope", "none"),
     "mlp": ("gelu", "swiglu"),
@@ -32,7 +33,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 }
 # Options an architecture takes beyond GPT-2's single value (all others must keep their default).
 _ARCH_OPTIONS = {
-    "gpt2": {"attention": OPTIONS["attention"], "norm": OPTIONS["norm"]},
+    "gpt2": {"attention": OPTIONS["attention"], "norm": OPTIONS["norm"], "bias": OPTIONS["bias"]},
     "ngpt": {"positions": ("rope", "none"), "mlp": OPTIONS["mlp"],
              "ngpt_alpha": OPTIONS["ngpt_alpha"], "ngpt_scale": OPTIONS["ngpt_scale"]},
 }
@@ -48,6 +49,7 @@ class ModelSpec:
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"
     norm: str = "layernorm"
+    bias: str = "on"              # "off": no biases in linear layers and norms (nanoGPT's bias=False)
     attention: str = "softmax"
     softmax_c: float = 1.0        # the constant of attention="softmax_c": e^x / (c + sum e^x)
     architecture: str = "gpt2"

@@ -56,12 +56,13 @@ def _gpt2_table(spec: ModelSpec) -> tuple[ParamInfo, ...]:
 
     def linear(prefix, n_out, n_in, role):
         rows.append(ParamInfo(f"{prefix}.weight", (n_out, n_in), role, hf_transposed=True))
-        rows.append(ParamInfo(f"{prefix}.bias", (n_out,), "bias"))
+        if spec.bias == "on":
+            rows.append(ParamInfo(f"{prefix}.bias", (n_out,), "bias"))
 
     def norm(prefix):  # SPEC.md 14: a parameter-free LayerNorm has none, RMSNorm a gain only
         if spec.norm != "layernorm_noaffine":
             rows.append(ParamInfo(f"{prefix}.weight", (C,), "norm_gain"))
-        if spec.norm == "layernorm":
+        if spec.norm == "layernorm" and spec.bias == "on":
             rows.append(ParamInfo(f"{prefix}.bias", (C,), "norm_bias"))
 
     for i in range(spec.n_layer):

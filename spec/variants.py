@@ -37,6 +37,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             dict(norm="rmsnorm")),
     Variant("layernorm-noaffine", "LayerNorm without gain and bias (seed 002)", "14",
             dict(norm="layernorm_noaffine")),
+    Variant("no-bias", "no biases in linear layers and LayerNorms (nanoGPT's bias=False)", "15", dict(bias="off")),
     Variant("ngpt", "the normalized Transformer as NVIDIA's code has it: SwiGLU, |alpha|, 1/sqrt(d), RoPE",
             "11", _NGPT),
     Variant("ngpt-nope", "nGPT without positional encoding", "11", dict(_NGPT, positions="none")),

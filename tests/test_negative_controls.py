@@ -150,12 +150,20 @@ def noaffine_layernorm_as_rmsnorm(model):
     model.ln_f.forward = rms(model.ln_f)
 
 
+def no_bias_layernorm_without_centering(model):
+    # a hand-written bias-free LayerNorm that forgets to subtract the mean (an RMSNorm with a gain)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.forward = (lambda ln: lambda x: ln.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ln.eps))(m)
+
+
 # (variant, bug): each variant's controls run on that variant's model
 VARIANT_CONTROLS = [
     ("softmax1", Broken("softmax1-as-softmax", standard_softmax_for_sinks)),
     ("softmax_c", Broken("softmax_c-as-softmax", standard_softmax_for_sinks)),
     ("rmsnorm", Broken("rmsnorm-default-eps", rmsnorm_default_eps)),
     ("layernorm-noaffine", Broken("noaffine-layernorm-as-rmsnorm", noaffine_layernorm_as_rmsnorm)),
+    ("no-bias", Broken("no-bias-layernorm-without-centering", no_bias_layernorm_without_centering)),
     ("ngpt", Broken("ngpt-normalize-wrong-axis", ngpt_normalize_wrong_axis)),
     ("ngpt", Broken("ngpt-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),
     ("ngpt-seed", Broken("ngpt-seed-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),

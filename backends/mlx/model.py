@@ -55,11 +55,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = spec.n_head
         self.scale = spec.head_dim ** -0.5
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd)
+        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias == "on")
         if spec.attention == "learned_sinks":
             self.sinks = mx.zeros((spec.n_head,))
             self._attend_learned = learned_sink_attention(self.scale)
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd)
+        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
         # softmax1 / softmax_c: a constant sink logit ln c per head (SPEC.md 10), never trained
         self._sink = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
 
@@ -110,8 +110,8 @@ def learned_sink_attention(scale: float):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd)
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd)
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.c_fc(x)
@@ -125,7 +125,7 @@ def make_norm(spec: ModelSpec) -> nn.Module:
     """SPEC.md 3 and 14: the spec's norm, its eps always explicit (the frameworks' defaults differ)."""
     if spec.norm == "rmsnorm":
         return nn.RMSNorm(spec.n_embd, eps=spec.norm_eps)
-    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, affine=spec.norm == "layernorm")
+    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, affine=spec.norm == "layernorm", bias=spec.bias == "on")
 
 
 class Block(nn.Module):

@@ -96,10 +96,10 @@ def cached_keys_values(kv: Tensor, k: Tensor, v: Tensor, start: int | UOp) -> tu
 class CausalSelfAttention:
     def __init__(self, spec: ModelSpec):
         self.n_head = spec.n_head
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd)
+        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias == "on")
         if spec.attention == "learned_sinks":  # here, so that the state dict keeps the canonical order
             self.sinks = Tensor.zeros(spec.n_head)
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd)
+        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
         # softmax1 / softmax_c: a constant sink logit, ln c (no parameter, no gradient)
         self.sink_logit = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
 
@@ -118,8 +118,8 @@ class CausalSelfAttention:
 
 class MLP:
     def __init__(self, spec: ModelSpec):
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd)
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd)
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def __call__(self, x: Tensor) -> Tensor: return self.c_proj(self.c_fc(x).gelu())  # tinygrad's gelu is the tanh form
 
@@ -128,7 +128,17 @@ def make_norm(spec: ModelSpec):
     """SPEC.md 3 and 14: the spec's norm, its eps always explicit (the frameworks' defaults differ)."""
     if spec.norm == "rmsnorm":
         return nn.RMSNorm(spec.n_embd, eps=spec.norm_eps)
+    if spec.norm == "layernorm" and spec.bias == "off":
+        return GainOnlyLayerNorm(spec.n_embd, spec.norm_eps)
     return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, elementwise_affine=spec.norm == "layernorm")
+
+
+class GainOnlyLayerNorm:
+    """LayerNorm with a gain and no bias (nanoGPT's bias=False): tinygrad's has both or neither."""
+    def __init__(self, dim: int, eps: float):
+        self.weight, self.eps = Tensor.ones(dim), eps
+
+    def __call__(self, x: Tensor) -> Tensor: return x.layernorm(eps=self.eps) * self.weight
 
 
 class Block:

@@ -76,10 +76,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.n_head = spec.n_head
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd)
+        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias == "on")
         if spec.attention == "learned_sinks":
             self.sinks = nn.Parameter(torch.zeros(spec.n_head))
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd)
+        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
         # softmax1 / softmax_c: a constant sink logit ln c (SPEC.md 10.1)
         self.sink_logit = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
 
@@ -99,8 +99,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd)
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd)
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -110,7 +110,8 @@ def make_norm(spec: ModelSpec) -> nn.Module:
     """SPEC.md 3 and 14: the spec's norm, its eps always explicit (the frameworks' defaults differ)."""
     if spec.norm == "rmsnorm":
         return nn.RMSNorm(spec.n_embd, eps=spec.norm_eps)
-    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, elementwise_affine=spec.norm == "layernorm")
+    return nn.LayerNorm(spec.n_embd, eps=spec.norm_eps, elementwise_affine=spec.norm == "layernorm",
+                        bias=spec.bias == "on")
 
 
 class Block(nn.Module):

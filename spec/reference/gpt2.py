@@ -35,15 +35,15 @@ def _block_forward(spec, p, i, x):
     h = f"h.{i}."
     caches = {}
     a, caches["ln_1"] = norm_forward(spec, p, h + "ln_1", x)
-    qkv, caches["c_attn"] = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+    qkv, caches["c_attn"] = linear_forward(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
     q, k, v = (split_heads(t, spec.n_head) for t in np.split(qkv, 3, axis=-1))
     y, caches["attn"] = causal_attention_forward(q, k, v, 1.0 / math.sqrt(spec.head_dim), attention_sink(spec, p, i))
-    y, caches["attn.c_proj"] = linear_forward(merge_heads(y), p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+    y, caches["attn.c_proj"] = linear_forward(merge_heads(y), p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))
     x = x + y
     m, caches["ln_2"] = norm_forward(spec, p, h + "ln_2", x)
-    m, caches["c_fc"] = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+    m, caches["c_fc"] = linear_forward(m, p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"))
     m, caches["gelu"] = gelu_tanh_forward(m)
-    m, caches["mlp.c_proj"] = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+    m, caches["mlp.c_proj"] = linear_forward(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))
     return x + m, caches
 
 
@@ -93,4 +93,4 @@ def backward(spec, p, cache, dlogits):
     d_wpe = np.zeros_like(p["wpe.weight"])
     d_wpe[: tokens.shape[1]] = dx.sum(0)
     grads["wpe.weight"] = d_wpe
-    return grads
+    return {n: g for n, g in grads.items() if g is not None}  # bias="off": linear_backward's None

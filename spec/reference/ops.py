@@ -55,7 +55,7 @@ def norm_forward(spec, p, prefix, x):
         return rms_norm_forward(x, p[prefix + ".weight"], spec.norm_eps)
     if spec.norm == "layernorm_noaffine":
         return layer_norm_forward(x, 1.0, 0.0, spec.norm_eps)
-    return layer_norm_forward(x, p[prefix + ".weight"], p[prefix + ".bias"], spec.norm_eps)
+    return layer_norm_forward(x, p[prefix + ".weight"], p.get(prefix + ".bias", 0.0), spec.norm_eps)
 
 
 def norm_backward(spec, prefix, dy, cache, grads):
@@ -65,7 +65,9 @@ def norm_backward(spec, prefix, dy, cache, grads):
         return dx
     dx, dg, db = layer_norm_backward(dy, cache)
     if spec.norm == "layernorm":
-        grads[prefix + ".weight"], grads[prefix + ".bias"] = dg, db
+        grads[prefix + ".weight"] = dg
+        if spec.bias == "on":
+            grads[prefix + ".bias"] = db
     return dx
 
 
