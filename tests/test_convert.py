@@ -61,6 +61,18 @@ def test_canonical_nanogpt_canonical_is_bit_exact(tmp_path, params, dtype):
     assert_same_bits({n: a.astype(np.float32) for n, a in back.params.items()}, rounded(params, dtype))
 
 
+def test_nanogpt_bias_false_round_trips_as_bias_off(tmp_path):
+    torch = pytest.importorskip("torch")
+    spec = SPEC.replace(bias="off")
+    params = synthetic_params(spec, 3, "conformance")
+    write_nanogpt(tmp_path / "ckpt.pt", spec, params, "float32")
+    raw = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert raw["model_args"]["bias"] is False and not any(k.endswith(".bias") for k in raw["model"])
+    back = read_nanogpt(tmp_path / "ckpt.pt")
+    assert back.spec == spec
+    assert_same_bits(back.params, params)
+
+
 def test_canonical_llmc_fp32_canonical_is_bit_exact(tmp_path, params):
     first = read(save(tmp_path / "a.safetensors", SPEC, params, "float32"))
     write_llmc(tmp_path / "m.bin", first.spec, first.params, "float32")
@@ -411,7 +423,9 @@ def test_nanogpt_missing_and_wrong_entries_are_clear_errors(tmp_path, params):
     fails({k: v for k, v in ck.items() if k != "model_args"}, "no 'model_args' entry")
     fails(ck["model"], "bare state dict")
     fails({**ck, "model_args": {k: v for k, v in ck["model_args"].items() if k != "n_head"}}, "lacks n_head")
-    fails({**ck, "model_args": {**ck["model_args"], "bias": False}}, "bias=False.*not GPT-2")
+    # bias=False announces a bias-free model (SPEC.md 15): a state dict with biases contradicts it
+    fails({**ck, "model_args": {**ck["model_args"], "bias": False}}, r"unexpected \d+ tensor\(s\)")
+    fails({**ck, "model_args": {**ck["model_args"], "bias": "yes"}}, "bias is True or False")
     model = dict(ck["model"])
     model["lm_head.weight"] = model["transformer.wte.weight"] + 1
     fails({**ck, "model": model}, "lm_head.weight differs")

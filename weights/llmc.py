@@ -65,11 +65,12 @@ _LAYER_TENSORS = (
 )
 
 
-def require_plain_gpt2(spec: ModelSpec, layout: str, *, norm_eps_fixed: bool = True) -> None:
-    """`layout` can hold GPT-2 itself only: refuse any variant and, where the format fixes
-    LayerNorm's eps at 1e-5 (llm.c, nanoGPT), any other eps."""
+def require_plain_gpt2(spec: ModelSpec, layout: str, *, norm_eps_fixed: bool = True,
+                       also: tuple[str, ...] = ()) -> None:
+    """`layout` can hold GPT-2 itself only (and the options named in `also`): refuse any other
+    variant and, where the format fixes LayerNorm's eps at 1e-5 (llm.c, nanoGPT), any other eps."""
     for option, values in OPTIONS.items():
-        if getattr(spec, option) != values[0]:
+        if getattr(spec, option) != values[0] and option not in also:
             raise WeightsError(
                 f"the {layout} format cannot hold {option}={getattr(spec, option)!r} (only GPT-2 itself); "
                 "write a canonical gptspec file instead (gptspec convert ... --to canonical)"

@@ -15,7 +15,8 @@ Reading uses `torch.load(..., weights_only=True)` only: tensors and plain Python
 arbitrary object. A checkpoint that holds anything else (an `argparse.Namespace` as its config, say)
 is refused with the reason, and nothing of it is unpickled.
 
-What the spec can and cannot hold: `bias=False` (nanoGPT's bias-free Linear and LayerNorm) is not
+What the spec can and cannot hold: `bias=False` (nanoGPT's bias-free Linear and LayerNorm) is the
+spec's `bias="off"` (SPEC.md 15). Formerly it was not
 GPT-2 and is refused. nanoGPT's from-scratch default `vocab_size=50304` (GPT-2's 50257 rounded up to
 a multiple of 64) is kept as it is: nanoGPT's softmax runs over all 50304 entries, so the model is
 exactly the spec's GPT-2 with `vocab_size=50304`, and nothing is dropped. nanoGPT fixes LayerNorm's
@@ -157,14 +158,12 @@ def read_nanogpt(path: str | os.PathLike, *, progress: Progress | None = None) -
     bad = [f"{k}={args[k]!r}" for k in _SIZE_ARGS if not _plain_int(args[k])]
     if bad:
         raise WeightsError(f"{path}: model_args must hold integers: {', '.join(bad)}")
-    if args.get("bias", True) is not True:
-        raise WeightsError(
-            f"{path}: model_args has bias={args['bias']!r}: nanoGPT's bias-free variant (no bias in Linear "
-            "and LayerNorm layers) is not GPT-2, and the spec has no field for it"
-        )
+    if args.get("bias", True) not in (True, False):
+        raise WeightsError(f"{path}: model_args has bias={args['bias']!r}; nanoGPT's bias is True or False")
     try:
         spec = ModelSpec(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
-                         n_layer=args["n_layer"], n_head=args["n_head"])
+                         n_layer=args["n_layer"], n_head=args["n_head"],
+                         bias="on" if args.get("bias", True) else "off")  # SPEC.md 15
     except SpecError as e:
         raise WeightsError(f"{path}: model_args do not make a valid GPT-2: {e}") from None
 
@@ -234,7 +233,7 @@ def write_nanogpt(
 ) -> Path:
     """Write a nanoGPT `ckpt.pt` (float32, bfloat16 or float16 tensors). Atomic."""
     dtype = canonical_dtype(dtype)
-    require_plain_gpt2(spec, "nanoGPT")
+    require_plain_gpt2(spec, "nanoGPT", also=("bias",))
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to export")
     path = Path(path)
     torch = _torch(path, "writing")
@@ -246,7 +245,7 @@ def write_nanogpt(
         state[PREFIX + p.name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
     state["lm_head.weight"] = state[PREFIX + "wte.weight"]  # tied: one storage, saved once
     model_args = dict(n_layer=spec.n_layer, n_head=spec.n_head, n_embd=spec.n_embd, block_size=spec.n_positions,
-                      bias=True, vocab_size=spec.vocab_size, dropout=0.0)
+                      bias=spec.bias == "on", vocab_size=spec.vocab_size, dropout=0.0)
     checkpoint = {
         "model": state,
         "optimizer": fresh_optimizer_state(spec),
