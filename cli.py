@@ -295,6 +295,69 @@ def _suite_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help="run only the cases of this model size (repeatable), e.g. --only test-tiny")
 
 
+def _prompt(args, ckpt) -> tuple[list[int], object]:
+    """The ids of args.prompt (GPT-2 tokenizer; empty: <|endoftext|>) or of --ids, and the encoding (None for --ids)."""
+    from .spec.sampling import EOT
+
+    if args.ids is not None:
+        if args.prompt:
+            raise InputError("give the prompt either as text or as --ids, not both")
+        try:
+            return [int(t) for t in args.ids.replace(",", " ").split()], None
+        except ValueError:
+            raise InputError(f"--ids must be integers separated by commas, got {args.ids!r}") from None
+    if ckpt.spec.vocab_size < 50257:
+        raise InputError(f"{ckpt.source} has a vocabulary of {ckpt.spec.vocab_size} ids, not GPT-2's 50257, so "
+                         "the GPT-2 tokenizer cannot be used: give the prompt as --ids 1,2,3 (ids are printed)")
+    from .tokenizer import get_encoding
+
+    enc = get_encoding("gpt2")
+    return enc.encode(args.prompt or "", allowed_special={"<|endoftext|>"}) or [EOT], enc
+
+
+def cmd_stats(args) -> int:
+    """SPEC.md 18.4, seed 002's "SIZE COMPARISON": per-layer sizes of the residual stream for a text."""
+    from pathlib import Path
+
+    import numpy as np
+    from rich.table import Table
+
+    from .spec import reference
+    from .spec.checks import check_tokens_array
+    from .weights import load_checkpoint
+
+    ckpt = load_checkpoint(args.model)
+    ids, _ = _prompt(args, ckpt)
+    tokens = np.array([ids], dtype=np.int64)
+    check_tokens_array(ckpt.spec, tokens)
+    if args.backend in (None, "reference"):
+        if args.dtype or args.device:
+            raise InputError("--dtype and --device choose a backend's precision and device; the reference is float64")
+        stats, where = reference.residual_stats(ckpt.spec, ckpt.params, tokens), "the float64 reference"
+    else:
+        from . import backends as registry
+
+        backend = registry.get(args.backend)
+        model = backend.build(ckpt.spec, ckpt.params, args.dtype or "float32", args.device)
+        stats, where = backend.residual_stats(model, tokens), f"{backend.version()}, {args.dtype or 'float32'}"
+    table = Table(title=f"SIZE COMPARISON: {ckpt.describe()}; {len(ids)} tokens; {where}",
+                  caption="mean over positions of the std over channels (ddof=1); seed 002's prev = output, "
+                          "next = normed (SPEC.md 18.4)")
+    table.add_column("layer", justify="right")
+    for key in stats:
+        table.add_column(key, justify="right")
+    for layer in range(ckpt.spec.n_layer):
+        table.add_row(str(layer), *(f"{stats[k][layer]:.6g}" for k in stats))
+    console.print(table)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({k: v.tolist() for k, v in stats.items()}, indent=1))
+    if ckpt.synthetic:
+        console.print("[yellow]SYNTHETIC weights[/yellow]")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Stream a continuation of a prompt (SPEC.md 12): the text (or ids) on stdout, the rest on stderr."""
     import codecs
@@ -314,21 +377,7 @@ def cmd_generate(args) -> int:
     model = backend.build(ckpt.spec, ckpt.params, args.dtype or "float32", args.device)
     spec, load_s = ckpt.spec, time.perf_counter() - t0
     text = args.ids is None
-    if text and spec.vocab_size < 50257:
-        raise InputError(f"{ckpt.source} has a vocabulary of {spec.vocab_size} ids, not GPT-2's 50257, so "
-                         "the GPT-2 tokenizer cannot be used: give the prompt as --ids 1,2,3 (ids are printed)")
-    if text:
-        from .tokenizer import get_encoding
-
-        enc = get_encoding("gpt2")
-        prompt = enc.encode(args.prompt or "", allowed_special={"<|endoftext|>"}) or [EOT]
-    else:
-        if args.prompt:
-            raise InputError("give the prompt either as text or as --ids, not both")
-        try:
-            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
-        except ValueError:
-            raise InputError(f"--ids must be integers separated by commas, got {args.ids!r}") from None
+    prompt, enc = _prompt(args, ckpt)
     sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
     err.print(f"{backend.version()}, {args.dtype or 'float32'}: {ckpt.describe()}; loaded in {load_s:.2f} s")
     if ckpt.synthetic:
@@ -436,6 +485,16 @@ def parser() -> argparse.ArgumentParser:
                                                     "variants other than gpt2 need --to canonical")
     s.add_argument("--to", choices=("canonical", "hf"), default="hf")
     s.set_defaults(func=cmd_synthetic)
+
+    st = sub.add_parser("stats", help="per-layer sizes of the residual stream for a text (seed 002's SIZE COMPARISON)")
+    st.add_argument("prompt", nargs="?", default="", help="the text (empty: <|endoftext|>)")
+    st.add_argument("--model", default="gpt2", help="a name, path or synthetic:<preset>[:seed] (default gpt2)")
+    st.add_argument("--ids", help="the input as token ids '1,2,3', for models without GPT-2's vocabulary")
+    st.add_argument("--backend", help="reference (default, float64), torch, mlx or tinygrad")
+    st.add_argument("--dtype", choices=DTYPES)
+    st.add_argument("--device")
+    st.add_argument("--json", help="also write the statistics to this JSON file")
+    st.set_defaults(func=cmd_stats)
 
     g = sub.add_parser("generate", help="continue a prompt with a KV cache, streaming the text")
     g.add_argument("prompt", nargs="?", default="", help="the text to continue (empty: from <|endoftext|>)")

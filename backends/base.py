@@ -72,8 +72,14 @@ class Backend(ABC):
         """Logits as float32 numpy for (B, T) integer tokens."""
 
     @abstractmethod
-    def loss_and_grads(self, model: Any, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
-        """Mean cross-entropy (SPEC.md), logits and every parameter's gradient."""
+    def loss_and_grads(self, model: Any, tokens: np.ndarray, targets: np.ndarray,
+                       draws: np.ndarray | None = None) -> LossAndGrads:
+        """The spec's loss (SPEC.md 4 and 18), the last layer's logits and every parameter's gradient.
+        `draws`: the (n_layer, B, T) uniforms of loss="early_exit" (spec.checks.check_draws), else None."""
+
+    def residual_stats(self, model: Any, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """SPEC.md 18.4 ("SIZE COMPARISON"): {"input", "mid", "output", "normed"} -> (n_layer,) float64."""
+        raise BackendError(f"{self.name} does not implement the residual-stream statistics")
 
     def normalize(self, model: Any) -> None:
         """SPEC.md 11.3: the post-step weight normalization, in place (a no-op without unit-norm weights)."""

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from ..spec import DTYPES, SPEC_VERSION, ModelSpec, SpecError, WeightsError, param_table, reference
 from ..weights import round_to_dtype
 from ..weights.format import fingerprint
-from .cases import Case
+from .cases import Case, exit_draws
 from .metrics import Check
 from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, perturb,
                      reference_run)
@@ -50,7 +50,8 @@ class Artifact:
     targets: np.ndarray
     run: Run
     spec: ModelSpec
-    label: str = ""   # how tables name it: backend/device (plus #i when that is ambiguous)
+    label: str = ""
+    draws: np.ndarray | None = None  # loss="early_exit"'s uniforms, an input like the tokens   # how tables name it: backend/device (plus #i when that is ambiguous)
 
     case = property(lambda self: self.meta["case"])
     dtype = property(lambda self: self.meta["dtype"])
@@ -102,9 +103,13 @@ def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dic
     return path
 
 
-def tensors_of(run: Run, tokens: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+def tensors_of(run: Run, tokens: np.ndarray, targets: np.ndarray, draws: np.ndarray | None = None
+               ) -> dict[str, np.ndarray]:
     out = {"tokens": np.asarray(tokens, np.int64), "targets": np.asarray(targets, np.int64),
            "logits": np.asarray(run.logits, np.float32), "loss": np.asarray(run.loss, np.float64)}
+    if draws is not None:
+        out["draws"] = np.asarray(draws, np.float64)
+    out.update({f"stats/{n}": np.asarray(v, np.float64) for n, v in (run.stats or {}).items()})
     out.update({f"grads/{n}": np.asarray(g, np.float32) for n, g in run.grads.items()})
     out.update({f"normalized/{n}": np.asarray(w, np.float32) for n, w in (run.normalized or {}).items()})
     return out
@@ -131,8 +136,9 @@ def read(path: str | os.PathLike) -> Artifact:
     except SpecError as e:
         raise ArtifactError(f"{path}: no valid model_spec in its metadata: {e}") from None
     part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
-    run = Run(t["logits"], float(t["loss"].reshape(())), part("grads/"), 0.0, part("normalized/") or None)
-    return Artifact(path, meta, t["tokens"], t["targets"], run, spec)
+    run = Run(t["logits"], float(t["loss"].reshape(())), part("grads/"), 0.0, part("normalized/") or None,
+              part("stats/") or None)
+    return Artifact(path, meta, t["tokens"], t["targets"], run, spec, draws=t.get("draws"))
 
 
 def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -161,7 +167,8 @@ def inputs_of(case: Case) -> Reference:
     """What backend_run needs (spec, weights, inputs), without computing the float64 reference."""
     ckpt = case.checkpoint()
     tokens, targets = case.inputs(ckpt.spec)
-    ref = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), None, None, None, ckpt.synthetic)
+    ref = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), None, None, None, ckpt.synthetic,
+                    draws=exit_draws(ckpt.spec, ckpt.params, tokens, case.seed))
     if has_unit_norm_weights(ckpt.spec):
         ref.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
     return ref
@@ -215,7 +222,7 @@ def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: st
                     else:
                         target = out if out.suffix == ".safetensors" else out / file_name(pcase.id, b.name, dev, dtype)
                         meta = metadata(b, case, pcase, inputs, fp, dtype, dev)
-                        res.path = write(target, tensors_of(run, inputs.tokens, inputs.targets), meta)
+                        res.path = write(target, tensors_of(run, inputs.tokens, inputs.targets, inputs.draws), meta)
                         res.seconds = run.seconds
                 results.append(res)
                 if on_result:
@@ -238,7 +245,9 @@ def check_consistent(group: list[Artifact]) -> None:
                                       f"{first.meta.get(key)} vs {other.meta.get(key)}")
         if first.spec != other.spec:
             _refuse(first, other, "they describe different models (model_spec differs)")
-        for name in ("tokens", "targets"):
+        if (first.draws is None) != (other.draws is None):
+            _refuse(first, other, "only one of them holds early-exit draws")
+        for name in ("tokens", "targets") + (("draws",) if first.draws is not None else ()):
             x, y = getattr(first, name), getattr(other, name)
             if x.shape != y.shape or not np.array_equal(x, y):
                 differ = (f"shapes {x.shape} vs {y.shape}" if x.shape != y.shape
@@ -275,14 +284,19 @@ def locate_reference(art: Artifact, weights: Iterable[str] = ()) -> tuple[Case |
                   f"{art.meta['fingerprint'][:23]}... found here (tried {'; '.join(tried)}){hint}")
 
 
-def reference_for(case: Case, dtype: str, tokens: np.ndarray, targets: np.ndarray) -> Reference:
+def reference_for(case: Case, dtype: str, tokens: np.ndarray, targets: np.ndarray,
+                  draws: np.ndarray | None = None) -> Reference:
     """runner.reference_run, on the artifact's inputs (recomputed only when they are not the case's)."""
     ref = reference_run(case, dtype)
-    if np.array_equal(ref.tokens, tokens) and np.array_equal(ref.targets, targets):
+    same_draws = (draws is None and ref.draws is None) or (
+        draws is not None and ref.draws is not None and np.array_equal(ref.draws, draws))
+    if np.array_equal(ref.tokens, tokens) and np.array_equal(ref.targets, targets) and same_draws:
         return ref
     rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ref.params.items()}
-    r = reference.loss_and_grads(ref.spec, rounded, tokens, targets)
-    return replace(ref, tokens=tokens, targets=targets, logits=r.logits, loss=r.loss, grads=r.grads)
+    r = reference.loss_and_grads(ref.spec, rounded, tokens, targets, draws)
+    stats = reference.residual_stats(ref.spec, rounded, tokens) if ref.stats is not None else None
+    return replace(ref, tokens=tokens, targets=targets, draws=draws, logits=r.logits, loss=r.loss, grads=r.grads,
+                   stats=stats)
 
 
 def _checks(x: Run, y, art: Artifact, subject: str, pairwise: bool, names: tuple[str, str]) -> list[Check]:
@@ -314,7 +328,7 @@ def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> 
             result.notes.append(why)
         for dtype in sorted({a.dtype for a in group}, key=lambda d: (DTYPES + (d,)).index(d)):
             members = [a for a in group if a.dtype == dtype]
-            ref = reference_for(ref_case, dtype, members[0].tokens, members[0].targets) if ref_case else None
+            ref = reference_for(ref_case, dtype, members[0].tokens, members[0].targets, members[0].draws) if ref_case else None
             for a in members:
                 o = Outcome(case, a.label, a.meta["device"], dtype, "ran", synthetic=a.synthetic)
                 if ref is None:
@@ -341,11 +355,11 @@ def compare_with_local(art: Artifact, backends: list, device: str | None = None,
     case, why = locate_reference(art, weights)
     if case is None:
         return [Outcome(art.case, art.label, art.meta["device"], art.dtype, "not run", message=why)]
-    ref = reference_for(case, art.dtype, art.tokens, art.targets)
+    ref = reference_for(case, art.dtype, art.tokens, art.targets, art.draws)
     checks = _checks(art.run, ref, art, art.label, False, (art.label, "reference"))
     outcomes = [Outcome(art.case, f"{art.label} vs reference", art.meta["device"], art.dtype, "ran", checks,
                         synthetic=art.synthetic)]
-    key = (case, art.dtype, art.tokens.tobytes(), art.targets.tobytes())
+    key = (case, art.dtype, art.tokens.tobytes(), art.targets.tobytes(), b"" if art.draws is None else art.draws.tobytes())
     for b in backends:
         dev = device or b.devices()[0]
         local, subject = f"{b.name}/{dev} (here)", f"{art.label}~{b.name}/{dev} (here)"

@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import sys
+from pathlib import Path
 
 from ..backends import available, get
 from ..spec import DTYPES
@@ -67,14 +68,15 @@ def write_spec_table(doc: dict, path=SPEC_FILE) -> None:
     path.write_text(f"{head}{BEGIN}\n{spec_table(doc)}\n{END}{tail}")
 
 
-def calibration_cases(seeds: int, gpt2_seeds: int, variant_seeds: int) -> list[Case]:
-    """GPT-2 over many seeds, on small configs and the full gpt2 shapes; every variant on small configs."""
+def calibration_cases(seeds: int, gpt2_seeds: int, variant_seeds: int, variants=None) -> list[Case]:
+    """GPT-2 over many seeds, on small configs and the full gpt2 shapes; every variant (or those
+    named) on small configs."""
     out = (
         [Case("test-tiny", s, batch=3, length=16) for s in range(seeds)]
         + [Case("test-mini", s, batch=2, length=48) for s in range(seeds)]
         + [Case("gpt2", s, batch=1, length=64) for s in range(gpt2_seeds)]
     )
-    for variant in VARIANTS:
+    for variant in variants or VARIANTS:
         if variant != "gpt2":
             out += [c for s in range(variant_seeds) for c in small_cases((s,), variant)]
     return out
@@ -124,12 +126,26 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=12, help="seeds per small config")
     ap.add_argument("--gpt2-seeds", type=int, default=3, help="seeds of the full gpt2 shapes")
     ap.add_argument("--variant-seeds", type=int, default=4, help="seeds per small config of each variant")
+    ap.add_argument("--variant", action="append", metavar="NAME",
+                    help="measure only these variants (repeatable; default: every variant)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the measurements already in --out: each bound then comes from the largest error "
+                         "of both calibrations (for variants added since the last full one)")
     ap.add_argument("--out", default=str(TOLERANCES_FILE))
     args = ap.parse_args(argv)
     backends = args.backend or available()
-    cases = calibration_cases(args.seeds, args.gpt2_seeds, args.variant_seeds)
+    cases = calibration_cases(args.seeds, args.gpt2_seeds, args.variant_seeds, args.variant)
     print(f"calibrating on {', '.join(backends)}: {len(cases)} cases x {len(DTYPES)} dtypes", file=sys.stderr)
     m = measure(backends, cases, device=args.device, log=lambda s: print(s, file=sys.stderr))
+    earlier = None
+    if args.merge:
+        earlier = json.loads(Path(args.out).read_text())
+        for d in DTYPES:
+            for q in QUANTITIES:
+                for k in METRICS:
+                    old = earlier["measured"].get(d, {}).get(q, {}).get(k)
+                    if old and old["value"] > m["worst"][d][q][k]["value"]:
+                        m["worst"][d][q][k] = old
     empty = [f"{d} {q} {k}" for d in DTYPES for q in QUANTITIES for k in METRICS
              if m["worst"][d][q][k]["value"] <= 0]
     if empty:  # a bound must come from a measurement: zero means nothing (or nothing inexact) ran
@@ -153,6 +169,12 @@ def main(argv=None) -> int:
             "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
         },
     }
+    if earlier is not None:  # merged: both calibrations are on record, and the bounds rest on all their backends
+        previous = earlier["calibration"]
+        doc["calibration"]["backends"] = sorted(set(backends) | set(previous["backends"]))
+        doc["calibration"]["measured_here"] = backends
+        doc["calibration"]["merged_with"] = previous.get("merged_with", []) + [
+            {k: v for k, v in previous.items() if k != "merged_with"}]
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

@@ -21,7 +21,7 @@ import numpy as np
 from ..backends import Backend, get
 from ..spec import param_table, reference
 from ..weights import round_to_dtype
-from .cases import Case
+from .cases import Case, exit_draws
 from .metrics import Check, compare
 
 # Rough peak bytes per parameter of one check: float64 reference weights, activations and
@@ -64,6 +64,7 @@ class Run:
     grads: dict[str, np.ndarray]
     seconds: float
     normalized: dict[str, np.ndarray] | None = None  # weights after the backend's normalize()
+    stats: dict[str, np.ndarray] | None = None       # residual_stats (SPEC.md 18.4), gpt2 architecture
 
 
 @dataclass
@@ -76,8 +77,10 @@ class Reference:
     loss: float
     grads: dict[str, np.ndarray]
     synthetic: bool
+    draws: np.ndarray | None = None                  # loss="early_exit"'s uniforms (cases.exit_draws)
     perturbed: dict[str, np.ndarray] | None = None   # off-sphere weights for the normalization check
     normalized: dict[str, np.ndarray] | None = None  # the reference's normalization of them
+    stats: dict[str, np.ndarray] | None = None       # residual_stats (SPEC.md 18.4) of the rounded weights
 
 
 def has_unit_norm_weights(spec) -> bool:
@@ -109,9 +112,13 @@ def _frozen(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def reference_run(case: Case, dtype: str) -> Reference:
     ckpt = case.checkpoint()
     tokens, targets = case.inputs(ckpt.spec)
+    draws = exit_draws(ckpt.spec, ckpt.params, tokens, case.seed)
     rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ckpt.params.items()}
-    ref = reference.loss_and_grads(ckpt.spec, rounded, tokens, targets)
-    out = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), ref.logits, ref.loss, ref.grads, ckpt.synthetic)
+    ref = reference.loss_and_grads(ckpt.spec, rounded, tokens, targets, draws)
+    out = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), ref.logits, ref.loss, ref.grads, ckpt.synthetic,
+                    draws=draws)
+    if ckpt.spec.architecture == "gpt2":
+        out.stats = reference.residual_stats(ckpt.spec, rounded, tokens)
     if has_unit_norm_weights(ckpt.spec):
         out.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
         rounded = {n: round_to_dtype(a, dtype) for n, a in out.perturbed.items()}
@@ -123,8 +130,10 @@ def backend_run(backend: Backend, ref: Reference, dtype: str, device: str) -> Ru
     start = time.perf_counter()
     model = backend.build(ref.spec, ref.params, dtype, device)
     logits = backend.forward(model, ref.tokens)
-    lg = backend.loss_and_grads(model, ref.tokens, ref.targets)
+    lg = backend.loss_and_grads(model, ref.tokens, ref.targets, ref.draws)
     run = Run(logits, lg.loss, lg.grads, time.perf_counter() - start)
+    if ref.spec.architecture == "gpt2":  # SPEC.md 18.4
+        run.stats = backend.residual_stats(model, ref.tokens)
     if ref.perturbed is not None:
         model = backend.build(ref.spec, ref.perturbed, dtype, device)
         backend.normalize(model)
@@ -160,6 +169,10 @@ def compare_runs(x: Run, y, *, case: str, subject: str, device: str, dtype: str,
         checks.append(compare(x.grads.get(name), y.grads.get(name), quantity="grads", tensor=name, **common))
     for name in sorted(set(x.grads) - set(expected)):
         checks.append(compare(x.grads[name], None, quantity="grads", tensor=name, **common))
+    if y.stats is not None:
+        got = x.stats or {}
+        for name in y.stats:
+            checks.append(compare(got.get(name), y.stats[name], quantity="stats", tensor=f"residual {name}", **common))
     if y.normalized is not None:
         got = x.normalized or {}
         for name in expected:

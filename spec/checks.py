@@ -148,3 +148,35 @@ def check_cache_room(n_positions: int, cached: int, new: int) -> None:
     if cached + new > n_positions:
         raise InputError(f"{new} tokens after the {cached} in the cache pass the context length "
                          f"n_positions={n_positions}")
+
+
+def check_draws(spec: ModelSpec, tokens_shape: Sequence[int], draws_shape: Sequence[int] | None,
+                is_float: bool = True, lo: float = 0.0, hi: float = 0.0) -> None:
+    """SPEC.md 18.3: loss="early_exit" takes its uniform draws u as an input, shape (n_layer, B, T), each in
+    [0, 1); every other loss takes none. lo and hi are the draws' min and max (NaN fails both bounds)."""
+    if spec.loss != "early_exit":
+        if draws_shape is not None:
+            raise InputError(f"draws are an input of loss='early_exit' only; this model's loss is {spec.loss!r}")
+        return
+    expected = (spec.n_layer, *(int(d) for d in tokens_shape))
+    if draws_shape is None:
+        raise InputError(f"loss='early_exit' needs its draws u: an array of shape {expected} (n_layer, B, T) "
+                         "in [0, 1), e.g. numpy.random.default_rng(seed).random(shape)")
+    shape = tuple(int(d) for d in draws_shape)
+    if shape != expected:
+        raise InputError(f"draws must have shape (n_layer, B, T) = {expected}, got {shape}")
+    if not is_float:
+        raise InputError("draws must be a floating-point array, got a non-float dtype")
+    if not (lo >= 0.0 and hi < 1.0):
+        raise InputError(f"draws must lie in [0, 1), got values in [{lo}, {hi}]")
+
+
+def check_draws_array(spec: ModelSpec, tokens_shape, draws) -> None:
+    import numpy as np
+
+    if draws is None:
+        return check_draws(spec, tokens_shape, None)
+    u = np.asarray(draws)
+    is_float = u.dtype.kind == "f"
+    lo, hi = (float(u.min()), float(u.max())) if (u.size and is_float) else (0.0, 0.0)
+    check_draws(spec, tokens_shape, u.shape, is_float, lo, hi)

@@ -30,10 +30,18 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "mlp": ("gelu", "swiglu"),
     "ngpt_alpha": ("abs", "signed"),
     "ngpt_scale": ("inv_sqrt_d", "inv_d"),
+    # Seed 002's experiments (SPEC.md 16-19)
+    "blocks": ("independent", "shared"),
+    "block_form": ("sequential", "parallel", "multiplicative", "normed_residual", "escape_normed",
+                   "escape_residual"),
+    "attention_values": ("projected", "identity"),
+    "head_reduce": ("mean", "sum"),
+    "loss": ("final", "all_layers", "all_layers_local", "early_exit"),
 }
 # Options an architecture takes beyond GPT-2's single value (all others must keep their default).
 _ARCH_OPTIONS = {
-    "gpt2": {"attention": OPTIONS["attention"], "norm": OPTIONS["norm"], "bias": OPTIONS["bias"]},
+    "gpt2": {name: OPTIONS[name] for name in (
+        "attention", "norm", "bias", "blocks", "block_form", "attention_values", "head_reduce", "loss")},
     "ngpt": {"positions": ("rope", "none"), "mlp": OPTIONS["mlp"],
              "ngpt_alpha": OPTIONS["ngpt_alpha"], "ngpt_scale": OPTIONS["ngpt_scale"]},
 }
@@ -58,6 +66,13 @@ class ModelSpec:
     mlp: str = "gelu"
     ngpt_alpha: str = "abs"
     ngpt_scale: str = "inv_sqrt_d"
+    blocks: str = "independent"   # "shared": one block applied n_layer times (SPEC.md 16)
+    block_form: str = "sequential"
+    parallel_attn_scale: float = 1.0  # c_a of block_form="parallel": h + c_a attn(x) + mlp(x)
+    attention_values: str = "projected"  # "identity": q, k only, heads read the input itself (SPEC.md 17)
+    head_reduce: str = "mean"     # how attention_values="identity" combines its heads
+    loss: str = "final"           # SPEC.md 18
+    vocab_multiple: int = 1       # nanoGPT pads the vocabulary to a multiple of 64 (SPEC.md 19)
 
     def __post_init__(self) -> None:
         problems = list(_problems(self)) or list(_combination_problems(self))
@@ -67,6 +82,11 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of wte and width of the logits: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def n_params(self) -> int:
@@ -117,7 +137,7 @@ class ModelSpec:
 
 
 def _problems(s: ModelSpec):
-    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int):
             yield f"{name} must be an int, got {v!r}"
@@ -142,6 +162,9 @@ def _problems(s: ModelSpec):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             yield f"{name} must be a positive float, got {v!r}"
+    v = s.parallel_attn_scale
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        yield f"parallel_attn_scale must be a finite float, got {v!r}"
 
 
 def _combination_problems(s: ModelSpec):
@@ -159,6 +182,14 @@ def _combination_problems(s: ModelSpec):
         yield f"softmax_c={s.softmax_c} applies only to attention='softmax_c' (attention is {s.attention!r})"
     if s.rope_base != 10000.0 and s.positions != "rope":
         yield f"rope_base={s.rope_base} applies only to positions='rope' (positions is {s.positions!r})"
+    if s.parallel_attn_scale != 1.0 and s.block_form != "parallel":
+        yield (f"parallel_attn_scale={s.parallel_attn_scale} applies only to block_form='parallel' "
+               f"(block_form is {s.block_form!r})")
+    if s.head_reduce != "mean" and s.attention_values != "identity":
+        yield (f"head_reduce={s.head_reduce!r} applies only to attention_values='identity' "
+               f"(attention_values is {s.attention_values!r})")
+    if s.vocab_multiple != 1 and s.architecture != "gpt2":
+        yield f"vocab_multiple={s.vocab_multiple} is defined for architecture='gpt2' only"
     if s.positions == "rope" and s.head_dim % 2:
         yield f"positions='rope' rotates pairs of dimensions: head_dim ({s.head_dim}) must be even"
 

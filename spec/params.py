@@ -48,7 +48,7 @@ def _table(spec: ModelSpec) -> tuple[ParamInfo, ...]:
 
 
 def _gpt2_table(spec: ModelSpec) -> tuple[ParamInfo, ...]:
-    C, V, P = spec.n_embd, spec.vocab_size, spec.n_positions
+    C, V, P = spec.n_embd, spec.padded_vocab_size, spec.n_positions
     rows = [
         ParamInfo("wte.weight", (V, C), "token_embedding"),
         ParamInfo("wpe.weight", (P, C), "position_embedding"),
@@ -65,13 +65,15 @@ def _gpt2_table(spec: ModelSpec) -> tuple[ParamInfo, ...]:
         if spec.norm == "layernorm" and spec.bias == "on":
             rows.append(ParamInfo(f"{prefix}.bias", (C,), "norm_bias"))
 
-    for i in range(spec.n_layer):
+    identity_values = spec.attention_values == "identity"  # SPEC.md 17: q and k only, no c_proj
+    for i in range(spec.n_layer if spec.blocks == "independent" else 1):  # SPEC.md 16: shared = h.0 only
         h = f"h.{i}"
         norm(f"{h}.ln_1")
-        linear(f"{h}.attn.c_attn", 3 * C, C, "linear")
+        linear(f"{h}.attn.c_attn", (2 if identity_values else 3) * C, C, "linear")
         if spec.attention == "learned_sinks":
             rows.append(ParamInfo(f"{h}.attn.sinks", (spec.n_head,), "attention_sink"))
-        linear(f"{h}.attn.c_proj", C, C, "residual_linear")
+        if not identity_values:
+            linear(f"{h}.attn.c_proj", C, C, "residual_linear")
         norm(f"{h}.ln_2")
         linear(f"{h}.mlp.c_fc", 4 * C, C, "linear")
         linear(f"{h}.mlp.c_proj", C, 4 * C, "residual_linear")

@@ -6,8 +6,8 @@ Two error metrics, both relative so that one bound fits every model size:
     rel_max  = max|x - ref| / max|ref|            the largest single error, against the tensor's scale
 
 A check passes when both metrics are within the bound of its (dtype, quantity), where quantity is
-"logits", "loss", "grads" (every parameter's gradient) or "weights" (weights after the post-step
-normalization of SPEC.md 11.3). Comparisons between two backends use
+"logits", "loss", "grads" (every parameter's gradient), "weights" (weights after the post-step
+normalization of SPEC.md 11.3) or "stats" (the residual-stream statistics of SPEC.md 18.4). Comparisons between two backends use
 twice the bound: each is within the bound of the reference, so by the triangle inequality they
 are within twice of each other. The bounds come from measurement (conformance/calibrate.py):
 each is the measured maximum times a factor between 2 and 10.
@@ -21,7 +21,7 @@ from pathlib import Path
 from .checks import canonical_dtype
 
 TOLERANCES_FILE = Path(__file__).with_name("tolerances.json")
-QUANTITIES = ("logits", "loss", "grads", "weights")
+QUANTITIES = ("logits", "loss", "grads", "weights", "stats")
 METRICS = ("rel_l2", "rel_max")
 PAIRWISE_FACTOR = 2.0
 

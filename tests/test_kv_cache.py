@@ -93,7 +93,7 @@ def extend_in_pieces(b, model, tokens, splits=SPLITS):
     out, cache, start = [], None, 0
     for t in splits:
         logits, cache = b.extend(model, tokens[:, start : start + t], cache)
-        assert logits.shape == (len(tokens), t, model.spec.vocab_size) and logits.dtype == np.float32
+        assert logits.shape == (len(tokens), t, model.spec.padded_vocab_size) and logits.dtype == np.float32
         out.append(logits)
         start += t
     return np.concatenate(out, axis=1), cache

@@ -376,3 +376,73 @@ def test_load_rebuilds_the_variants_architecture(tmp_path, name):
     logits = model(mx.array(tokens))
     assert rel_l2(logits, reference.forward(spec, params, tokens)) < bound("float32", "logits", "rel_l2")
     assert mx.allclose(mx.compile(model)(mx.array(tokens)), logits, rtol=1e-5, atol=1e-6)
+
+
+# -- seed 002's options (SPEC.md 16-19); the conformance suite runs the named variants ------------
+@pytest.mark.parametrize("options", [
+    dict(attention_values="identity", attention="learned_sinks"),
+    dict(attention_values="identity", attention="softmax1", head_reduce="sum", blocks="shared"),
+    dict(attention_values="identity", attention="softmax_c", softmax_c=3.0, block_form="parallel",
+         parallel_attn_scale=0.5, loss="all_layers_local"),
+])
+def test_identity_values_with_sinks_match_the_reference_and_cache(options):
+    """Combinations no named variant has: the plain-op attention with each sink, and its KV cache."""
+    spec = SPEC.replace(**options)
+    params = synthetic_params(spec, 0, "conformance")
+    tokens = np.random.default_rng(9).integers(0, spec.vocab_size, (2, 20))
+    targets = np.roll(tokens, -1, axis=1)
+    ref = reference.loss_and_grads(spec, params, tokens, targets)
+    backend = get("mlx")
+    model = backend.build(spec, params)
+    got = backend.loss_and_grads(model, tokens, targets)
+    assert rel_l2(got.logits, ref.logits) < bound("float32", "logits", "rel_l2")
+    assert abs(got.loss - ref.loss) / ref.loss < bound("float32", "loss", "rel_l2")
+    for n, g in ref.grads.items():
+        assert rel_l2(got.grads[n], g) < bound("float32", "grads", "rel_l2"), n
+    cache, parts = None, []
+    for a, b in [(0, 7), (7, 8), (8, 20)]:
+        logits, cache = backend.extend(model, tokens[:, a:b], cache)
+        parts.append(logits)
+    assert rel_l2(np.concatenate(parts, axis=1), ref.logits) < bound("float32", "logits", "rel_l2")
+
+
+def test_early_exit_loss_is_the_modules_loss_and_needs_its_draws():
+    spec = get_variant("early-exit").apply(SPEC)
+    params = synthetic_params(spec, 0, "conformance")
+    tokens = np.random.default_rng(10).integers(0, spec.vocab_size, (2, 16))
+    targets = np.roll(tokens, -1, axis=1)
+    targets[:, -1] = -100
+    draws = np.random.default_rng(11).random((spec.n_layer, 2, 16)) ** 4
+    backend = get("mlx")
+    model = backend.build(spec, params)
+    got = backend.loss_and_grads(model, tokens, targets, draws)
+    loss, grads = nn.value_and_grad(model, lambda m: m.loss(mx.array(tokens), mx.array(targets), mx.array(draws)))(
+        model)
+    assert loss.item() == pytest.approx(got.loss, rel=1e-6)
+    assert rel_l2(dict(tree_flatten(grads))["wte.weight"], got.grads["wte.weight"]) < 1e-6
+    with pytest.raises(InputError, match="draws"):
+        backend.loss_and_grads(model, tokens, targets)
+    with pytest.raises(InputError, match="draws"):
+        model.loss(mx.array(tokens), mx.array(targets), mx.array(draws[:1]))
+    with pytest.raises(InputError, match="draws"):
+        backend.loss_and_grads(backend.build(SPEC, PARAMS), tokens, targets, draws)
+
+
+def test_padded_vocabulary_rows_get_exactly_zero_gradient():
+    spec = get_variant("padded-vocab").apply(SPEC)
+    params = synthetic_params(spec, 0, "conformance")
+    tokens = np.random.default_rng(12).integers(0, spec.vocab_size, (2, 16))
+    backend = get("mlx")
+    got = backend.loss_and_grads(backend.build(spec, params), tokens, np.roll(tokens, -1, axis=1))
+    assert got.logits.shape[-1] == spec.padded_vocab_size > spec.vocab_size
+    assert not got.grads["wte.weight"][spec.vocab_size:].any()
+
+
+def test_residual_stats_match_the_reference():
+    spec = get_variant("seed002-axm").apply(SPEC)
+    params = synthetic_params(spec, 0, "conformance")
+    tokens = np.random.default_rng(13).integers(0, spec.vocab_size, (2, 16))
+    got = get("mlx").residual_stats(get("mlx").build(spec, params), tokens)
+    for name, expected in reference.residual_stats(spec, params, tokens).items():
+        assert got[name].dtype == np.float64 and got[name].shape == (spec.n_layer,)
+        assert rel_l2(got[name], expected) < bound("float32", "stats", "rel_l2"), name

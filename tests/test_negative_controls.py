@@ -157,6 +157,82 @@ def no_bias_layernorm_without_centering(model):
             m.forward = (lambda ln: lambda x: ln.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ln.eps))(m)
 
 
+def shared_block_copied(model):
+    # the shared block deep-copied per layer: the same forward, but h.0 gets only layer 0's gradient
+    import copy
+
+    model.h = nn.ModuleList([model.h[0]] + [copy.deepcopy(model.h[0]) for _ in range(model.spec.n_layer - 1)])
+
+
+def set_blocks(**attrs):
+    def breaks(model):
+        for block in model.h:
+            for name, value in attrs.items():
+                setattr(block, name, value)
+    return breaks
+
+
+def set_attention(**attrs):
+    def breaks(model):
+        for block in model.h:
+            for name, value in attrs.items():
+                setattr(block.attn, name, value)
+    return breaks
+
+
+def with_spec(**changes):
+    # the model computes as if its spec had these values (e.g. the stop-gradient forgotten)
+    def breaks(model):
+        model.spec = model.spec.replace(**changes)
+    return breaks
+
+
+def layer_losses_averaged(model):
+    # the all-layer loss divided by the number of layers (the seed sums them)
+    whole = model.loss_and_logits
+
+    def loss_and_logits(tokens, targets, draws=None):
+        value, logits = whole(tokens, targets, draws)
+        return value / model.spec.n_layer, logits
+
+    model.loss_and_logits = loss_and_logits
+
+
+def early_exit_xe_at_every_layer(model):
+    # seed 002's earlier "3-test": the cross-entropy weighs every active layer, not just the exit layer
+    from gptspec.backends.torch.model import IGNORE_INDEX
+
+    def loss_and_logits(tokens, targets, draws=None):
+        x, counted = model.embed(tokens), targets != IGNORE_INDEX
+        active, total, layers = torch.ones_like(counted), 0.0, model.layers()
+        for i, block in enumerate(layers):
+            x = block(x)
+            z = model.head(x).float()
+            lse = z.logsumexp(-1)
+            p_max = torch.exp(z.amax(-1) - lse)
+            xe = lse - z.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            total = total + (xe * -torch.log1p(-p_max))[active & counted].sum()
+            exits = draws[i] < p_max.detach() if i < len(layers) - 1 else torch.ones_like(counted)
+            active = active & ~exits
+        return total / counted.sum(), model.head(x)
+
+    model.loss_and_logits = loss_and_logits
+
+
+def stats_without_bessel(model):
+    # the residual statistics with the population std (ddof=0) instead of the seed's Bessel-corrected one
+    def residual_stats(tokens):
+        x, rows = model.embed(tokens), []
+        with torch.no_grad():
+            for block in model.layers():
+                mid, out = block.streams(x)
+                rows.append(torch.stack([t.std(-1, correction=0).mean() for t in (x, mid, out, model.ln_f(out))]))
+                x = out
+        return dict(zip(("input", "mid", "output", "normed"), torch.stack(rows).T))
+
+    model.residual_stats = residual_stats
+
+
 # (variant, bug): each variant's controls run on that variant's model
 VARIANT_CONTROLS = [
     ("softmax1", Broken("softmax1-as-softmax", standard_softmax_for_sinks)),
@@ -164,6 +240,19 @@ VARIANT_CONTROLS = [
     ("rmsnorm", Broken("rmsnorm-default-eps", rmsnorm_default_eps)),
     ("layernorm-noaffine", Broken("noaffine-layernorm-as-rmsnorm", noaffine_layernorm_as_rmsnorm)),
     ("no-bias", Broken("no-bias-layernorm-without-centering", no_bias_layernorm_without_centering)),
+    ("shared-blocks", Broken("shared-block-copied-per-layer", shared_block_copied)),
+    ("parallel", Broken("parallel-c_a-ignored", set_blocks(c_a=1.0))),
+    ("multiplicative", Broken("multiplicative-as-parallel", set_blocks(form="parallel"))),
+    ("normed-residual", Broken("normed-residual-as-sequential", set_blocks(form="sequential"))),
+    ("escape-normed", Broken("escape-normed-as-escape-residual", set_blocks(form="escape_residual"))),
+    ("escape-residual", Broken("escape-residual-as-sequential", set_blocks(form="sequential"))),
+    ("no-value", Broken("no-value-heads-summed", set_attention(head_reduce="sum"))),
+    ("no-value-sum", Broken("no-value-sum-heads-averaged", set_attention(head_reduce="mean"))),
+    ("all-layer-loss", Broken("all-layer-loss-averaged", layer_losses_averaged)),
+    ("all-layer-loss-local", Broken("stop-gradient-forgotten", with_spec(loss="all_layers"))),
+    ("early-exit", Broken("early-exit-xe-at-every-layer", early_exit_xe_at_every_layer)),
+    ("padded-vocab", Broken("padded-logits-in-the-loss", with_spec(vocab_size=320, vocab_multiple=1))),
+    ("gpt2", Broken("residual-stats-without-bessel", stats_without_bessel)),
     ("ngpt", Broken("ngpt-normalize-wrong-axis", ngpt_normalize_wrong_axis)),
     ("ngpt", Broken("ngpt-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),
     ("ngpt-seed", Broken("ngpt-seed-scale-1/sqrt(dk)", ngpt_inverse_sqrt_dk_scale)),

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from gptspec.spec import IGNORE_INDEX, InputError, ModelSpec, param_table, reference
 from gptspec.spec.variants import VARIANTS
+from gptspec.conformance.cases import exit_draws
+from gptspec.spec.reference import gpt2 as ref_gpt2
+from gptspec.spec.reference.ops import cross_entropy_forward
 from gptspec.weights import synthetic_params
 
 
@@ -19,9 +22,14 @@ def _params(spec, seed):
     return {k: v.astype(np.float64) for k, v in synthetic_params(spec, seed, "conformance").items()}
 
 
+# The stop-gradient of all-layer-loss-local makes its gradient that of a surrogate, not of the loss:
+# test_stop_gradient_is_the_surrogates_gradient checks it.
+_FD_VARIANTS = [name for name, v in VARIANTS.items() if v.changes.get("loss") != "all_layers_local"]
+
+
 @st.composite
 def problems(draw):
-    variant = VARIANTS[draw(st.sampled_from(list(VARIANTS)))]
+    variant = VARIANTS[draw(st.sampled_from(_FD_VARIANTS))]
     n_head = draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([2, 4]) if variant.changes.get("positions") == "rope" else st.integers(1, 4))
     spec = variant.apply(ModelSpec(
@@ -42,7 +50,8 @@ def problems(draw):
 def test_backward_matches_central_finite_differences(problem):
     spec, tokens, targets, seed = problem
     p = _params(spec, seed)
-    grads = reference.loss_and_grads(spec, p, tokens, targets).grads
+    draws = exit_draws(spec, p, tokens, seed)  # loss="early_exit" only; kept away from every exit boundary
+    grads = reference.loss_and_grads(spec, p, tokens, targets, draws).grads
     rng = np.random.default_rng(seed)
     h = 1e-5
     for name, value in p.items():
@@ -50,9 +59,43 @@ def test_backward_matches_central_finite_differences(problem):
         d = rng.standard_normal(value.shape)
         plus, minus = dict(p), dict(p)
         plus[name], minus[name] = value + h * d, value - h * d
-        fd = (reference.loss(spec, plus, tokens, targets) - reference.loss(spec, minus, tokens, targets)) / (2 * h)
+        fd = (reference.loss(spec, plus, tokens, targets, draws)
+              - reference.loss(spec, minus, tokens, targets, draws)) / (2 * h)
         analytic = float((grads[name] * d).sum())
         assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, fd, analytic)
+
+
+@pytest.mark.parametrize("blocks", ["independent", "shared"])
+def test_stop_gradient_is_the_surrogates_gradient(blocks):
+    """SPEC.md 18.2: with the gradient stopped between layers, the gradient is that of the surrogate
+    sum_l CE(head(block_l(sg h_{l-1}))), whose h_{l-1} (l >= 2) are constants: finite differences of it."""
+    spec = ModelSpec(vocab_size=11, n_positions=6, n_embd=8, n_head=2, n_layer=3, loss="all_layers_local",
+                     blocks=blocks, norm_eps=1e-2)
+    p = _params(spec, 5)
+    rng = np.random.default_rng(1)
+    tokens, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    frozen, _, _ = ref_gpt2._stack_forward(spec, p, tokens)
+
+    def surrogate(q):
+        total, h = 0.0, q["wte.weight"][tokens] + q["wpe.weight"][:6]
+        for layer in range(spec.n_layer):
+            h = ref_gpt2._block_forward(spec, q, ref_gpt2.block_prefix(spec, layer), h if layer == 0 else frozen[layer])[0]
+            total += cross_entropy_forward(ref_gpt2._head_forward(spec, q, h)[0], targets)[0]
+        return total
+
+    result = reference.loss_and_grads(spec, p, tokens, targets)
+    assert result.loss == pytest.approx(surrogate(p), rel=1e-12)
+    for name, value in p.items():
+        d = rng.standard_normal(value.shape)
+        plus, minus = dict(p), dict(p)
+        plus[name], minus[name] = value + 1e-5 * d, value - 1e-5 * d
+        fd = (surrogate(plus) - surrogate(minus)) / 2e-5
+        analytic = float((result.grads[name] * d).sum())
+        assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, fd, analytic)
+    # and it is not the loss's own gradient: the stop matters
+    full = reference.loss_and_grads(spec.replace(loss="all_layers"), p, tokens, targets)
+    assert full.loss == pytest.approx(result.loss, rel=1e-12)
+    assert not np.allclose(full.grads["h.0.mlp.c_fc.weight"], result.grads["h.0.mlp.c_fc.weight"])
 
 
 def test_single_coordinates_match_finite_differences():

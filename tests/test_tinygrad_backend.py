@@ -1,5 +1,5 @@
 """The tinygrad backend as a tinygrad user meets it: load(), a plain tinygrad model, clear errors,
-and every variant (sinks, nGPT) against the float64 reference.
+and every variant (sinks, nGPT, seed 002's) against the float64 reference.
 
 Shapes and dtypes follow the conformance cases (test-tiny B3xT16, test-mini B2xT48) so that, in one
 pytest run, the kernels tinygrad generated for those are reused here instead of generated again.
@@ -17,6 +17,7 @@ from tinygrad.helpers import EMULATED_DTYPES  # noqa: E402
 from gptspec import backends  # noqa: E402
 from gptspec.backends.generation import generate  # noqa: E402
 from gptspec.backends.tinygrad import BACKEND, GPT, NGPT, KVCache, backend as tg  # noqa: E402
+from gptspec.conformance.cases import exit_draws  # noqa: E402
 from gptspec.conformance.generation import ReferenceBackend, judge_against_reference  # noqa: E402
 from gptspec.conformance.metrics import errors  # noqa: E402
 from gptspec.conformance.runner import perturb  # noqa: E402
@@ -27,6 +28,7 @@ from gptspec.spec.tolerance import bound  # noqa: E402
 from gptspec.weights import round_to_dtype, save, synthetic_params, write_synthetic  # noqa: E402
 
 MINI, TINY = ModelSpec.preset("test-mini"), ModelSpec.preset("test-tiny")
+TINY2 = TINY.replace(n_layer=2)  # seed 002's variants: shared blocks and the layer losses need two layers
 WHY = BACKEND.unavailable_reason()
 needs_device = pytest.mark.skipif(WHY is not None, reason=f"tinygrad cannot run here: {WHY}")
 
@@ -259,19 +261,26 @@ def test_own_init_follows_the_spec():
     assert not sd["h.1.attn.c_attn.bias"].numpy().any() and (sd["ln_f.weight"].numpy() == 1).all()
 
 
-# -- variants (SPEC.md 10, 11): test-tiny at the conformance shape B3xT16, so kernels are shared ----------
+# -- variants (SPEC.md 10, 11, 16-19): test-tiny at the conformance shape B3xT16, so kernels are shared ----
 VARIANTS = ["softmax1", "softmax_c", "learned_sinks", "ngpt", "ngpt-nope", "ngpt-seed"]
+SEED002 = ["shared-blocks", "parallel", "multiplicative", "normed-residual", "escape-normed", "escape-residual",
+           "no-value", "no-value-sum", "all-layer-loss", "all-layer-loss-local", "early-exit", "padded-vocab",
+           "seed002-axm"]
+
+
+def small(name):
+    return get_variant(name).apply(TINY2 if name in SEED002 else TINY)
 
 
 def test_implements_every_option():
     assert BACKEND.implements == OPTIONS
-    for name in VARIANTS:
-        assert BACKEND.unsupported(get_variant(name).apply(TINY)) is None
+    for name in VARIANTS + SEED002:
+        assert BACKEND.unsupported(small(name)) is None
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=VARIANTS + SEED002)
 def variant(request):
-    spec = get_variant(request.param).apply(TINY)
+    spec = small(request.param)
     params = frozen(synthetic_params(spec, 0, "conformance"))
     return spec, params, BACKEND.build(spec, params)
 
@@ -283,15 +292,54 @@ def test_variant_matches_the_float64_reference(variant):
     assert list(nn.state.get_state_dict(model)) == [p.name for p in param_table(spec)]
     tokens, targets = ids(spec, (3, 16), seed=1), ids(spec, (3, 16), seed=2)
     targets[1, :4] = -100
-    ref = reference.loss_and_grads(spec, params, tokens, targets)
+    draws = exit_draws(spec, params, tokens, seed=0)  # None but for loss="early_exit"
+    ref = reference.loss_and_grads(spec, params, tokens, targets, draws)
     assert_close(BACKEND.forward(model, tokens), ref.logits, "logits", "forward")
-    got = BACKEND.loss_and_grads(model, tokens, targets)
+    got = BACKEND.loss_and_grads(model, tokens, targets, draws)
     assert_close(got.logits, ref.logits, "logits", "logits")
     assert_close(np.float64(got.loss), np.float64(ref.loss), "loss", "loss")
     assert list(got.grads) == list(ref.grads)  # every parameter, canonical names (sinks, nGPT scales)
     for name, g in got.grads.items():
         assert g.shape == ref.grads[name].shape and g.dtype == np.float32, name
         assert_close(g, ref.grads[name], "grads", name)
+    if spec.architecture == "gpt2":
+        stats, want = BACKEND.residual_stats(model, tokens), reference.residual_stats(spec, params, tokens)
+        assert list(stats) == list(want)
+        for name, x in stats.items():
+            assert x.shape == (spec.n_layer,) and x.dtype == np.float64, name
+            assert_close(x, want[name], "stats", f"residual {name}")
+
+
+@needs_device
+def test_padded_vocabulary_rows_get_no_gradient_and_no_probability():
+    """SPEC.md 19: logits are padded_vocab_size wide, the loss sees the first vocab_size only."""
+    spec = get_variant("padded-vocab").apply(TINY2).replace(loss="all_layers")
+    params = synthetic_params(spec, 0, "conformance")
+    model = BACKEND.build(spec, params)
+    tokens, targets = ids(spec, (3, 16), seed=1), ids(spec, (3, 16), seed=2)
+    got = BACKEND.loss_and_grads(model, tokens, targets)
+    assert spec.padded_vocab_size == 64 > spec.vocab_size and got.logits.shape == (3, 16, 64)
+    assert not got.grads["wte.weight"][spec.vocab_size:].any()  # exactly zero
+    ref = reference.loss_and_grads(spec, params, tokens, targets)
+    assert_close(np.float64(got.loss), np.float64(ref.loss), "loss", "loss")
+
+
+@needs_device
+def test_early_exit_takes_its_draws_as_a_tinygrad_user_passes_them():
+    spec = get_variant("early-exit").apply(TINY2)
+    params = synthetic_params(spec, 0, "conformance")
+    model = BACKEND.build(spec, params)
+    tokens, targets = ids(spec, (3, 16), seed=1), ids(spec, (3, 16), seed=2)
+    draws = exit_draws(spec, params, tokens, seed=0)
+    loss = model.loss(Tensor(tokens), Tensor(targets), Tensor(draws.astype(np.float32)))
+    ref = reference.loss_and_grads(spec, params, tokens, targets, draws)
+    assert loss.dtype == dtypes.float32 and abs(loss.item() - ref.loss) / ref.loss < bound("float32", "loss", "rel_l2")
+    with pytest.raises(InputError, match="needs its draws"):
+        model.loss(Tensor(tokens), Tensor(targets))
+    with pytest.raises(InputError, match="shape"):
+        BACKEND.loss_and_grads(model, tokens, targets, draws[:1])
+    with pytest.raises(InputError, match="early_exit"):  # the other losses take none
+        BACKEND.loss_and_grads(BACKEND.build(TINY, synthetic_params(TINY)), tokens, targets, draws)
 
 
 def test_sink_variants_differ_from_softmax():
@@ -369,13 +417,13 @@ def test_listed_in_the_registry():
 
 
 # -- generation with a KV cache (SPEC.md 12): test-tiny, whose 16 positions the pieces fill --------------
-CACHED = ["gpt2", "learned_sinks", "ngpt"]
+CACHED = ["gpt2", "learned_sinks", "ngpt", "seed002-axm", "padded-vocab"]  # axm: a shared block, identity values
 SPLITS = (5, 1, 1, 1, 3, 1, 1, 1, 2)  # a prefill, single tokens (TinyJit: eager, capture, replays), chunks
 
 
 @pytest.fixture(scope="module", params=CACHED)
 def cached(request):
-    spec = get_variant(request.param).apply(TINY)
+    spec = small(request.param)
     params = frozen(synthetic_params(spec, 0, "conformance"))
     return spec, params, BACKEND.build(spec, params)
 
@@ -384,7 +432,7 @@ def in_pieces(model, tokens, splits=SPLITS, cache=None):
     out, start = [], 0
     for t in splits:
         logits, cache = BACKEND.extend(model, tokens[:, start:start + t], cache)
-        assert logits.shape == (len(tokens), t, model.spec.vocab_size) and logits.dtype == np.float32
+        assert logits.shape == (len(tokens), t, model.spec.padded_vocab_size) and logits.dtype == np.float32
         out.append(logits)
         start += t
     return np.concatenate(out, axis=1), cache
@@ -429,13 +477,13 @@ def test_last_only_and_the_tinygrad_api(cached):
     want = reference.forward(spec, params, tokens)
     cache = KVCache(spec, batch=2)
     first = model(Tensor(tokens[:, :7]), cache)
-    assert cache.offset == 7 and first.shape == (2, 7, spec.vocab_size)
+    assert cache.offset == 7 and first.shape == (2, 7, spec.padded_vocab_size)
     last = model(Tensor(tokens[:, 7:]), cache, last_only=True)
-    assert last.shape == (2, 1, spec.vocab_size) and cache.offset == 11
+    assert last.shape == (2, 1, spec.padded_vocab_size) and cache.offset == 11
     assert_close(first.numpy(), want[:, :7], "logits", "prefill")
     assert_close(last.numpy()[:, 0], want[:, -1], "logits", "last_only")
     through_backend, _ = BACKEND.extend(model, tokens[:, 7:], BACKEND.extend(model, tokens[:, :7], None)[1], last_only=True)
-    assert through_backend.shape == (2, 1, spec.vocab_size)
+    assert through_backend.shape == (2, 1, spec.padded_vocab_size)
     assert_close(through_backend[:, 0], want[:, -1], "logits", "extend last_only")
 
 

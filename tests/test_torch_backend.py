@@ -128,3 +128,34 @@ def test_transformers_checkpoint_gives_transformers_logits(tmp_path):
         theirs, mine = hf(tokens).logits, ours(tokens)
     rel = (torch.linalg.norm(mine - theirs) / torch.linalg.norm(theirs)).item()
     assert rel < bound("float32", "logits", "rel_l2", pairwise=True), rel
+
+
+def test_early_exit_loss_trains_through_model_loss_and_names_bad_draws():
+    spec = SPEC.replace(loss="early_exit", n_layer=2)
+    params = synthetic_params(spec, 0, "conformance")
+    model = get("torch").build(spec, params)
+    rng = np.random.default_rng(0)
+    tokens, targets = rng.integers(0, spec.vocab_size, (2, 9)), rng.integers(0, spec.vocab_size, (2, 9))
+    from gptspec.conformance.cases import exit_draws
+
+    draws = exit_draws(spec, params, tokens, 0)
+    loss = model.loss(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(draws).float())
+    loss.backward()  # a plain autograd graph: the user's training loop
+    want = reference.loss(spec, params, tokens, targets, draws)
+    assert abs(loss.item() - want) <= bound("float32", "loss", "rel_l2") * abs(want)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(InputError, match="needs its draws"):
+        model.loss(torch.from_numpy(tokens), torch.from_numpy(targets))
+    with pytest.raises(InputError, match=r"draws must have shape \(n_layer, B, T\) = \(2, 2, 9\)"):
+        model.loss(torch.from_numpy(tokens), torch.from_numpy(targets), torch.zeros(1, 2, 9))
+
+
+def test_residual_stats_are_the_references(weights_file):
+    model = load("torch", weights_file)
+    tokens = np.random.default_rng(2).integers(0, SPEC.vocab_size, (2, 11))
+    got = model.residual_stats(torch.from_numpy(tokens))
+    want = reference.residual_stats(SPEC, synthetic_params(SPEC, 0, "conformance"), tokens)
+    assert set(got) == set(want) == {"input", "mid", "output", "normed"}
+    for key in want:
+        assert got[key].shape == (SPEC.n_layer,)
+        np.testing.assert_allclose(got[key].numpy(), want[key], rtol=1e-5)

@@ -191,6 +191,9 @@ def write_hf(
                 f"the Hugging Face GPT-2 layout cannot hold {option}={getattr(spec, option)!r} "
                 "(only GPT-2 itself); write a canonical gptspec file instead (gptspec.weights.save)"
             )
+    if spec.vocab_multiple != 1:
+        raise WeightsError(f"the Hugging Face GPT-2 layout cannot record vocab_multiple={spec.vocab_multiple} "
+                           "(SPEC.md 19); write a canonical gptspec file instead (gptspec.weights.save)")
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to export")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

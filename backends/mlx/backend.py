@@ -9,11 +9,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ...spec import OPTIONS, BackendError, ModelSpec
-from ...spec.checks import check_dtype, check_state_shapes
+from ...spec import OPTIONS, BackendError, ModelSpec, SpecError
+from ...spec.checks import check_draws_array, check_dtype, check_state_shapes
 from ..base import Backend, LossAndGrads
 from . import blas
-from .model import GPT, check_mx_targets, cross_entropy
+from .model import GPT, check_mx_targets
 from .ngpt import NGPT
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -118,20 +118,26 @@ class MLXBackend(Backend):
             mx.eval(logits, [(c.keys, c.values) for c in cache])  # the cache too: no graph kept between steps
             return _numpy(logits), cache
 
-    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
+    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray,
+                       draws: np.ndarray | None = None) -> LossAndGrads:
         _require_ieee_float32(model)
+        check_draws_array(model.spec, np.shape(tokens), draws)
         tokens, targets = mx.array(np.asarray(tokens)), mx.array(np.asarray(targets))
         check_mx_targets(model.spec, tokens, targets)
-
-        def loss_and_logits(tokens, targets):
-            logits = model(tokens)
-            return cross_entropy(logits, targets), logits
-
+        draws = None if draws is None else mx.array(np.asarray(draws, np.float32))  # decisions only: float32 will do
         with mx.stream(model.device):
-            (loss, logits), grads = nn.value_and_grad(model, loss_and_logits)(tokens, targets)
+            (loss, logits), grads = nn.value_and_grad(model, model.loss_and_logits)(tokens, targets, draws)
             grads = tree_flatten(grads)
             mx.eval(loss, logits, grads)
             return LossAndGrads(loss.item(), _numpy(logits), {n: _numpy(g) for n, g in grads})
+
+    def residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        if not isinstance(model, GPT):  # as the reference has it
+            raise SpecError(f"residual_stats are defined for architecture='gpt2' (SPEC.md 18.4), "
+                            f"not {model.spec.architecture!r}")
+        stats = model.residual_stats(mx.array(np.asarray(tokens)))
+        mx.eval(stats)
+        return {name: np.array(a).astype(np.float64) for name, a in stats.items()}
 
 
 def _numpy(a: mx.array) -> np.ndarray:

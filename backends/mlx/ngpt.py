@@ -15,7 +15,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ...spec import ModelSpec, param_table
 from ...spec.params import ngpt_scales
 from ...spec.reference.ops import rope_angles
-from .model import KVCache, _check_tokens, cache_offset, check_mx_targets, cross_entropy, init_from_spec
+from .model import (
+    KVCache, _check_draws, _check_tokens, cache_offset, check_mx_targets, cross_entropy, init_from_spec,
+)
 
 
 def justnorm(x: mx.array) -> mx.array:
@@ -158,8 +160,16 @@ class NGPT(nn.Module):
                 h = h[:, -1:]
             return self.lm_head(h) * (self.sz * self.sz_scale)
 
-    def loss(self, tokens: mx.array, targets: mx.array) -> mx.array:
-        """The spec's loss of the logits for `tokens` against `targets` (float32, a scalar)."""
+    def loss(self, tokens: mx.array, targets: mx.array, draws=None) -> mx.array:
+        """The spec's loss of the logits for `tokens` against `targets` (float32, a scalar); nGPT's loss is
+        "final", so `draws` must be None (they are loss="early_exit"'s, as GPT.loss has them)."""
         check_mx_targets(self.spec, tokens, targets)
+        _check_draws(self.spec, tokens, draws)
+        return self.loss_and_logits(tokens, targets)[0]
+
+    def loss_and_logits(self, tokens: mx.array, targets: mx.array,
+                        draws: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """loss() (its inputs unchecked) and the logits, from one forward."""
         with mx.stream(self.device):
-            return cross_entropy(self(tokens), targets)
+            logits = self(tokens)
+            return cross_entropy(logits, targets), logits

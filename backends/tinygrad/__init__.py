@@ -1,6 +1,7 @@
 """The tinygrad backend: GPT-2 (model.py) and nGPT (ngpt.py) in plain tinygrad, and their conformance adapter (backend.py)."""
 from .backend import TinygradBackend, tinygrad_device
-from .model import GPT, KVCache, cross_entropy
+from .losses import cross_entropy
+from .model import GPT, KVCache
 from .ngpt import NGPT
 
 BACKEND = TinygradBackend()

@@ -26,10 +26,10 @@ from tinygrad.device import ALL_DEVICES
 from tinygrad.helpers import EMULATED_DTYPES
 
 from ...spec import DTYPES, OPTIONS, BackendError, ModelSpec
-from ...spec.checks import check_dtype, check_state_shapes, check_targets_array, check_tokens_array
+from ...spec.checks import check_draws_array, check_dtype, check_state_shapes, check_targets_array, check_tokens_array
 from ...weights.format import to_bfloat16_bits
 from ..base import Backend, LossAndGrads
-from .model import GPT, KVCache, LanguageModel, cross_entropy
+from .model import GPT, KVCache, LanguageModel
 from .ngpt import NGPT
 
 NO_CLANG = ("tinygrad's CPU device compiles its kernels with clang, which is not installed "
@@ -127,10 +127,9 @@ def _extend(ref, tokens: Tensor, kv: list[Tensor], start: int | UOp, last_only: 
     return logits
 
 
-def _loss_and_grads(ref, tokens: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
+def _loss_and_grads(ref, tokens: Tensor, targets: Tensor, *draws: Tensor) -> tuple[Tensor, ...]:
     model = ref()
-    logits = model.forward(tokens)
-    loss = cross_entropy(logits, targets)
+    loss, logits = model.loss_and_logits(tokens, targets, *draws)  # draws: loss="early_exit" only
     # one realize for all: the forward runs once and the backward shares it (TinyJit realizes the returns together);
     # gradients in the state dict's (canonical) order, which loss_and_grads names them by
     grads = loss.gradient(*nn.state.get_state_dict(model).values())
@@ -217,10 +216,22 @@ class TinygradBackend(Backend):
         cache.offset = n + tokens.shape[1]
         return out, cache
 
-    def loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
+    def loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray,
+                       draws: np.ndarray | None = None) -> LossAndGrads:
         tokens, targets = np.asarray(tokens), np.asarray(targets)
         check_tokens_array(model.spec, tokens)
         check_targets_array(model.spec, tokens.shape, targets)
-        loss, logits, *grads = jit(model, _loss_and_grads, tokens.shape)(self._ids(model, tokens), self._ids(model, targets))
+        check_draws_array(model.spec, tokens.shape, draws)
+        # float32 draws: the exit test u < p_max is taken in float32, and the inputs keep the margin of SPEC.md 18.3
+        extra = () if draws is None else (Tensor(np.array(draws, dtype=np.float32), device=model.wte.weight.device),)
+        fn = jit(model, _loss_and_grads, tokens.shape)
+        loss, logits, *grads = fn(self._ids(model, tokens), self._ids(model, targets), *extra)
         names = nn.state.get_state_dict(model)
         return LossAndGrads(loss.item(), logits.numpy(), {n: g.numpy() for n, g in zip(names, grads)})
+
+    def residual_stats(self, model: LanguageModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        if not isinstance(model, GPT):
+            raise BackendError("the residual-stream statistics are defined for architecture='gpt2' only")
+        stats = model.residual_stats(self._ids(model, np.asarray(tokens)))
+        Tensor.realize(*stats.values())  # one schedule: the forward once for all four
+        return {name: t.numpy().astype(np.float64) for name, t in stats.items()}

@@ -1,14 +1,18 @@
 """GPT-2 in plain tinygrad, built from a ModelSpec (SPEC.md sections 2-4), with the attention
-variants of section 10 (softmax1, softmax_c, learned sinks); nGPT is in ngpt.py.
+variants of section 10 (softmax1, softmax_c, learned sinks) and seed 002's of sections 16-19
+(shared blocks, block forms, attention without values, the all-layer and early-exit losses, a
+padded vocabulary); nGPT is in ngpt.py, the losses in losses.py.
 
 Attribute paths are the spec's canonical names, so `nn.state.get_state_dict(model)` is a
 canonical state; Linear weights are (out, in) as nn.Linear keeps them; the LM head is the
 token embedding itself (`wte.weight` used twice, stored once).
 
     model = GPT(spec)                                  # GPT-2's init law, drawn lazily
-    logits = model(tokens)                             # (B, T) int Tensor -> (B, T, vocab)
-    loss = model.loss(tokens, targets)                 # float32 scalar
+    logits = model(tokens)                             # (B, T) int Tensor -> (B, T, padded vocab)
+    loss = model.loss(tokens, targets)                 # float32 scalar; early_exit: (tokens, targets, draws)
     grads = loss.gradient(*nn.state.get_parameters(model))
+
+    stats = model.residual_stats(tokens)               # {"input", "mid", "output", "normed"} -> (n_layer,)
 
     cache = KVCache(model.spec, batch=B, dtype=model.wte.weight.dtype)   # generation (SPEC.md 12)
     logits = model(prompt, cache)                      # positions 0 .. T-1, kept in the cache
@@ -20,14 +24,21 @@ import math
 
 from tinygrad import Tensor, UOp, dtypes, nn
 
-from ...spec import IGNORE_INDEX, InputError, ModelSpec, param_table
-from ...spec.checks import check_cache_room, check_targets_array, check_tokens_array
+from ...spec import InputError, ModelSpec, param_table
+from ...spec.checks import check_cache_room, check_draws_array, check_targets_array, check_tokens_array
 from ...spec.params import init_law
+from .losses import spec_loss
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: Tensor | None = None) -> Tensor:
     """softmax(scale * q k^T, causal [, sink]) @ v for (B, H, T, D) queries and (B, H, L, D) keys and
-    values, in float32, returned in v's dtype.
+    values, in float32, returned in v's dtype."""
+    return (attention_weights(q, k, scale, sink) @ v.float()).cast(v.dtype)
+
+
+def attention_weights(q: Tensor, k: Tensor, scale: float, sink: Tensor | None = None) -> Tensor:
+    """softmax(scale * q k^T, causal [, sink]), float32 (B, H, T, L), for (B, H, T, D) queries and
+    (B, H, L, D) keys.
 
     The T queries are the last T of the L positions (L > T with a KV cache): query i sees keys
     0 .. L-T+i, the causal mask aligned bottom-right (L == T without a cache). A lone query is the
@@ -44,7 +55,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: Tensor
     if T > 1:
         att = Tensor.ones(T, L, dtype=dtypes.bool, device=q.device).tril(L - T).where(att, -math.inf)
     if sink is None:
-        return (att.softmax(-1) @ v.float()).cast(v.dtype)
+        return att.softmax(-1)
     # The sink as an extra column of the scores, dropped after the softmax (gpt-oss's form). Why this
     # form: softmax subtracts the row max, which now includes the sink, so m = max(z, max_s S) is the
     # stable form of SPEC.md 10 (e^{z-m} <= 1 never overflows, however low the scores); the weights and
@@ -54,7 +65,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: Tensor
     # (SPEC.md 7): the sink only moves each weight by its share p0 (~1e-3 for softmax_c's c = 1e-3), which
     # probabilities rounded to bfloat16 (8 bits) would blur. The sink joins every query row, cached or not.
     z = sink.float().reshape(1, H, 1, 1).expand(B, H, T, 1)
-    return (att.cat(z, dim=-1).softmax(-1)[..., :L] @ v.float()).cast(v.dtype)
+    return att.cat(z, dim=-1).softmax(-1)[..., :L]
 
 
 class KVCache:
@@ -96,22 +107,34 @@ def cached_keys_values(kv: Tensor, k: Tensor, v: Tensor, start: int | UOp) -> tu
 class CausalSelfAttention:
     def __init__(self, spec: ModelSpec):
         self.n_head = spec.n_head
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=spec.bias == "on")
+        # attention_values="identity" (SPEC.md 17): q and k only, every head reads the input x itself, no c_proj
+        self.identity, self.head_sum = spec.attention_values == "identity", spec.head_reduce == "sum"
+        self.c_attn = nn.Linear(spec.n_embd, (2 if self.identity else 3) * spec.n_embd, bias=spec.bias == "on")
         if spec.attention == "learned_sinks":  # here, so that the state dict keeps the canonical order
             self.sinks = Tensor.zeros(spec.n_head)
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
+        if not self.identity:
+            self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
         # softmax1 / softmax_c: a constant sink logit, ln c (no parameter, no gradient)
         self.sink_logit = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
 
     def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-        q, k, v = [t.reshape(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2)]
+        heads = [t.reshape(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2)]
+        # identity values: the cache keeps x itself as the values, in the heads' layout (the same C numbers
+        # per position), so the cache and its writes are those of GPT-2
+        q, k, v = heads if not self.identity else (*heads, x.reshape(B, T, H, D).transpose(1, 2))
         if kv is not None:
             k, v = cached_keys_values(kv, k, v, start)
         sink = getattr(self, "sinks", None)
         if self.sink_logit is not None:
             sink = Tensor.full((H,), self.sink_logit, device=x.device)
+        if self.identity:
+            # sum_h A_h x = (sum_h A_h) x: the heads' weights reduced first, then one (T, L) @ (L, C) product
+            w = attention_weights(q, k, 1 / math.sqrt(D), sink)
+            w = w.sum(1) if self.head_sum else w.mean(1)
+            values = x if kv is None else v.transpose(1, 2).reshape(B, v.shape[2], C)
+            return (w @ values.float()).cast(x.dtype)
         y = causal_attention(q, k, v, 1 / math.sqrt(D), sink)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -147,10 +170,20 @@ class Block:
         self.attn = CausalSelfAttention(spec)
         self.ln_2 = make_norm(spec)
         self.mlp = MLP(spec)
+        self.form, self.c_a = spec.block_form, spec.parallel_attn_scale
 
-    def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
-        x = x + self.attn(_norm(self.ln_1, x), kv, start)
-        return x + self.mlp(_norm(self.ln_2, x))
+    def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> tuple[Tensor, Tensor]:
+        """SPEC.md 16.2's update forms: -> (output, mid), mid the block's intermediate stream (SPEC.md 16.2)."""
+        n = _norm(self.ln_1, x)
+        a = self.attn(n, kv, start)
+        if self.form in ("parallel", "multiplicative"):  # both branches read x
+            m = self.mlp(_norm(self.ln_2, x))
+            mid = x + self.c_a * a if self.form == "parallel" else a * m
+            return (mid + m if self.form == "parallel" else x + mid), mid
+        mid = (n if self.form == "normed_residual" else x) + a
+        m = self.mlp(_norm(self.ln_2, mid))
+        # the stream the MLP's output joins: y (sequential, normed_residual), ln_1 x, or x
+        return {"escape_normed": n, "escape_residual": x}.get(self.form, mid) + m, mid
 
 
 def _norm(ln, x: Tensor) -> Tensor:
@@ -182,19 +215,26 @@ class LanguageModel:
         cache.offset = n + tokens.shape[1]
         return logits
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """The spec's loss (float32 scalar) of the logits for `tokens` against `targets`."""
+    def loss_and_logits(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The spec's loss (float32 scalar) and the last layer's logits, from one forward; no input checks."""
+        logits = self.forward(tokens)
+        return spec_loss(self.spec, [logits], targets, draws), logits
+
+    def loss(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> Tensor:
+        """The spec's loss (float32 scalar) of the logits for `tokens` against `targets`; loss="early_exit"
+        takes its uniform draws (n_layer, B, T) in [0, 1) (SPEC.md 18.3)."""
         check_tokens_array(self.spec, tokens.numpy())
         check_targets_array(self.spec, tokens.shape, targets.numpy())
-        return cross_entropy(self.forward(tokens), targets)
+        check_draws_array(self.spec, tokens.shape, None if draws is None else draws.numpy())
+        return self.loss_and_logits(tokens, targets, draws)[0]
 
 
 class GPT(LanguageModel):
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
+        self.wte = nn.Embedding(spec.padded_vocab_size, spec.n_embd)  # SPEC.md 19: padded rows, never a target
         self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
-        self.h = [Block(spec) for _ in range(spec.n_layer)]
+        self.h = [Block(spec) for _ in range(spec.n_layer if spec.blocks == "independent" else 1)]  # shared: h.0
         self.ln_f = make_norm(spec)
         # the spec's init law (spec.params.init_law) in place of tinygrad's defaults; lazy, so free when loading replaces it
         state = nn.state.get_state_dict(self)
@@ -202,24 +242,38 @@ class GPT(LanguageModel):
             mean, std = init_law(spec, p)
             state[p.name].replace(Tensor.normal(*p.shape, mean=mean, std=std) if std else Tensor.full(p.shape, mean))
 
-    def forward(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
-                last_only: bool = False) -> Tensor:
+    def layers(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
+               local: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(input, mid, output) of every layer. `local` (loss="all_layers_local", SPEC.md 18.2): each layer
+        after the first reads its input detached, so each layer's loss trains that layer alone."""
         x = self.wte(tokens) + self.wpe.weight[start:start + tokens.shape[1]]  # learned positions from `start`
-        for i, block in enumerate(self.h):
-            x = block(x, kv[i] if kv is not None else None, start)
-        if last_only:
-            x = x[:, -1:]
+        out = []
+        for i in range(self.spec.n_layer):
+            x = x.detach() if local and i > 0 else x
+            block = self.h[i if self.spec.blocks == "independent" else 0]  # SPEC.md 16.1: shared, h.0 every time
+            y, mid = block(x, kv[i] if kv is not None else None, start)
+            out.append((x, mid, y))
+            x = y
+        return out
+
+    def head(self, x: Tensor) -> Tensor:
         return _norm(self.ln_f, x) @ self.wte.weight.T  # LM head tied to the token embedding
 
+    def forward(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
+                last_only: bool = False) -> Tensor:
+        x = self.layers(tokens, kv, start)[-1][2]
+        return self.head(x[:, -1:] if last_only else x)
 
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over targets != IGNORE_INDEX, in float32 whatever the logits' dtype."""
-    nll = logits.float().sparse_categorical_crossentropy(targets, ignore_index=IGNORE_INDEX, reduction="none")
-    counted = targets != IGNORE_INDEX
-    n = counted.sum()
-    # Two-pass mean. tinygrad sums in order: a hundred float32 losses near 7 lose up to ~3e-7 of their
-    # mean (measured; torch's cascade sum ~1e-7), while each row is good to ~1e-8. Summing deviations
-    # from a first estimate keeps the partial sums small, so the mean is good to ~0.5 ulp; the identity
-    # is exact, and the gradient (counted / n per row) does not see the detached estimate.
-    rough = (nll.sum() / n).detach()
-    return rough + ((nll - rough) * counted).sum() / n
+    def loss_and_logits(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # the all-layer and early-exit losses score every layer's output through ln_f and the head (SPEC.md 18)
+        outputs = [y for _, _, y in self.layers(tokens, local=self.spec.loss == "all_layers_local")]
+        logits = [self.head(y) for y in (outputs if self.spec.loss != "final" else outputs[-1:])]
+        return spec_loss(self.spec, logits, targets, draws), logits[-1]
+
+    def residual_stats(self, tokens: Tensor) -> dict[str, Tensor]:
+        """SPEC.md 18.4: per layer, the mean over (b, t) of the Bessel-corrected std over channels of the
+        block's input, mid stream, output and ln_f(output); float32 (n_layer,) Tensors."""
+        check_tokens_array(self.spec, tokens.numpy())
+        streams = [(x.float(), mid.float(), y.float(), self.ln_f(y.float())) for x, mid, y in self.layers(tokens)]
+        return {name: Tensor.stack(*(s[i].std(-1, correction=1).mean() for s in streams))
+                for i, name in enumerate(("input", "mid", "output", "normed"))}

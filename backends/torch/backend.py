@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...spec import OPTIONS, BackendError, ModelSpec
-from ...spec.checks import check_dtype, check_state_shapes
+from ...spec.checks import check_draws_array, check_dtype, check_state_shapes
 from ..base import Backend, LossAndGrads
 from .model import GPT, check_targets_tensor, cross_entropy
 from .ngpt import NGPT
@@ -100,14 +100,26 @@ class TorchBackend(Backend):
             logits = model(self._tensor(model, tokens), cache=cache, last_only=last_only)
         return logits.float().cpu().numpy(), cache
 
-    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray) -> LossAndGrads:
+    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray, draws=None) -> LossAndGrads:
         tokens_t, targets_t = self._tensor(model, tokens), self._tensor(model, targets)
         check_targets_tensor(model.spec, tokens_t, targets_t)
+        check_draws_array(model.spec, tokens_t.shape, draws)
         model.zero_grad(set_to_none=True)
         with ieee_float32():
-            logits = model(tokens_t)
-            loss = cross_entropy(logits, targets_t)
+            if model.spec.architecture == "ngpt":
+                logits = model(tokens_t)
+                loss = cross_entropy(logits, targets_t)
+            else:
+                draws_t = None if draws is None else self._tensor(model, np.asarray(draws, np.float32))
+                loss, logits = model.loss_and_logits(tokens_t, targets_t, draws_t)
             loss.backward()
         grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         return LossAndGrads(float(loss.detach()), logits.detach().float().cpu().numpy(), grads)
+
+    def residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        if model.spec.architecture != "gpt2":
+            raise BackendError("residual_stats are defined for architecture='gpt2' (SPEC.md 18.4)")
+        with ieee_float32():
+            stats = model.residual_stats(self._tensor(model, tokens))
+        return {k: v.double().cpu().numpy() for k, v in stats.items()}

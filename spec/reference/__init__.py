@@ -12,8 +12,9 @@ from typing import Mapping
 
 import numpy as np
 
-from ..checks import check_state_shapes, check_targets_array, check_tokens_array
+from ..checks import check_draws_array, check_state_shapes, check_targets_array, check_tokens_array
 from ..config import ModelSpec
+from ..errors import SpecError
 from ..params import param_table
 from . import gpt2, ngpt
 from .ops import cross_entropy_backward, cross_entropy_forward
@@ -44,22 +45,45 @@ def forward(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens) -> np.nda
     return _forward(spec, _as_f64(spec, params), tokens)[0]
 
 
-def loss(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens, targets) -> float:
-    logits = forward(spec, params, tokens)
-    targets = np.asarray(targets)
-    check_targets_array(spec, np.shape(tokens), targets)
-    return float(cross_entropy_forward(logits, targets)[0])
+def loss(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens, targets, draws=None) -> float:
+    """The spec's loss (SPEC.md 4 and 18); `draws`: the (n_layer, B, T) uniforms of loss="early_exit"."""
+    return loss_and_grads(spec, params, tokens, targets, draws).loss
 
 
-def loss_and_grads(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens, targets) -> LossAndGrads:
-    """Mean cross-entropy, the logits, and the gradient of the loss for every parameter."""
+def loss_and_grads(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens, targets, draws=None) -> LossAndGrads:
+    """The loss (SPEC.md 4 and 18), the last layer's logits, and the gradient of the loss for every parameter."""
     p = _as_f64(spec, params)
-    logits, cache = _forward(spec, p, tokens)
-    targets = np.asarray(targets)
-    check_targets_array(spec, np.shape(tokens), targets)
-    value, ce_cache = cross_entropy_forward(logits, targets)
-    grads = _ARCHITECTURES[spec.architecture].backward(spec, p, cache, cross_entropy_backward(ce_cache))
+    tokens, targets = np.asarray(tokens), np.asarray(targets)
+    check_tokens_array(spec, tokens)
+    check_targets_array(spec, tokens.shape, targets)
+    check_draws_array(spec, tokens.shape, draws)
+    if spec.architecture == "gpt2":
+        value, logits, grads = gpt2.loss_and_grads(spec, p, tokens, targets, None if draws is None else
+                                                   np.asarray(draws, np.float64))
+    else:
+        logits, cache = ngpt.forward(spec, p, tokens)
+        value, ce_cache = cross_entropy_forward(logits, targets)
+        grads = ngpt.backward(spec, p, cache, cross_entropy_backward(ce_cache))
     return LossAndGrads(float(value), logits, {info.name: grads[info.name] for info in param_table(spec)})
+
+
+def exit_probabilities(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens) -> np.ndarray:
+    """(n_layer, B, T): each layer's max softmax probability, which loss="early_exit" compares with its draws."""
+    if spec.architecture != "gpt2":
+        raise SpecError(f"exit probabilities are defined for architecture='gpt2', not {spec.architecture!r}")
+    tokens = np.asarray(tokens)
+    check_tokens_array(spec, tokens)
+    return gpt2.exit_probabilities(spec, _as_f64(spec, params), tokens)
+
+
+def residual_stats(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens) -> dict[str, np.ndarray]:
+    """SPEC.md 18.4, the seed's "SIZE COMPARISON": per layer (n_layer,), the mean over positions of the
+    Bessel-corrected std over channels of each block's input, intermediate stream, output, and ln_f(output)."""
+    if spec.architecture != "gpt2":
+        raise SpecError(f"residual_stats are defined for architecture='gpt2' (SPEC.md 18.4), not {spec.architecture!r}")
+    tokens = np.asarray(tokens)
+    check_tokens_array(spec, tokens)
+    return gpt2.residual_stats(spec, _as_f64(spec, params), tokens)
 
 
 def normalize_weights(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
