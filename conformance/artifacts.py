@@ -301,7 +301,8 @@ def reference_for(case: Case, dtype: str, tokens: np.ndarray, targets: np.ndarra
 
 def _checks(x: Run, y, art: Artifact, subject: str, pairwise: bool, names: tuple[str, str]) -> list[Check]:
     return compare_runs(x, y, case=art.case, subject=subject, device=art.meta["device"], dtype=art.dtype,
-                        pairwise=pairwise, names=names, param_names=[p.name for p in param_table(art.spec)])
+                        pairwise=pairwise, names=names, param_names=[p.name for p in param_table(art.spec)],
+                        spec=art.spec)
 
 
 def _label(arts: list[Artifact]) -> None:

@@ -7,7 +7,9 @@ Two error metrics, both relative so that one bound fits every model size:
 
 A check passes when both metrics are within the bound of its (dtype, quantity), where quantity is
 "logits", "loss", "grads" (every parameter's gradient), "weights" (weights after the post-step
-normalization of SPEC.md 11.3) or "stats" (the residual-stream statistics of SPEC.md 18.4). Comparisons between two backends use
+normalization of SPEC.md 11.3), "stats" (the residual-stream statistics of SPEC.md 18.4), or
+"exit_loss" and "exit_grads", the loss and gradients of loss="early_exit" (SPEC.md 18.3), whose
+conditioning differs from the cross-entropy's. Comparisons between two backends use
 twice the bound: each is within the bound of the reference, so by the triangle inequality they
 are within twice of each other. The bounds come from measurement (conformance/calibrate.py):
 each is the measured maximum times a factor between 2 and 10.
@@ -21,7 +23,7 @@ from pathlib import Path
 from .checks import canonical_dtype
 
 TOLERANCES_FILE = Path(__file__).with_name("tolerances.json")
-QUANTITIES = ("logits", "loss", "grads", "weights", "stats")
+QUANTITIES = ("logits", "loss", "grads", "weights", "stats", "exit_loss", "exit_grads")
 METRICS = ("rel_l2", "rel_max")
 PAIRWISE_FACTOR = 2.0
 

@@ -227,13 +227,27 @@ def test_nanogpt_compiled_prefix_and_mask_buffers_are_read(tmp_path, params):
     assert got.metadata["nanogpt_best_val_loss"] == "3.25"
 
 
-def test_nanogpt_padded_vocab_is_kept_as_is(tmp_path):
-    pytest.importorskip("torch")
-    spec = TINY.replace(vocab_size=50304)  # nanoGPT's from-scratch default: its softmax covers all 50304
+def test_nanogpt_padded_vocab_is_gpt2_padded_to_64(tmp_path):
+    torch = pytest.importorskip("torch")
+    # nanoGPT's from-scratch default, 50304 rows, as nanoGPT itself writes it (no gptspec config keys)
+    spec = TINY.replace(vocab_size=50304)
     p = synthetic_params(spec, 1)
     write_nanogpt(tmp_path / "ckpt.pt", spec, p)
+    raw = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del raw["config"]["gptspec_vocab_size"], raw["config"]["gptspec_vocab_multiple"]
+    torch.save(raw, tmp_path / "nanogpt.pt")
+    got = read_nanogpt(tmp_path / "nanogpt.pt")
+    assert (got.spec.vocab_size, got.spec.vocab_multiple, got.spec.padded_vocab_size) == (50257, 64, 50304)
+    assert_same_bits(got.params, p)  # nothing dropped
+
+
+def test_nanogpt_padded_vocab_round_trips(tmp_path):
+    pytest.importorskip("torch")
+    spec = TINY.replace(vocab_multiple=64)  # 61 ids in 64 rows
+    p = synthetic_params(spec, 2)
+    write_nanogpt(tmp_path / "ckpt.pt", spec, p)
     got = read_nanogpt(tmp_path / "ckpt.pt")
-    assert got.spec.vocab_size == 50304
+    assert got.spec == spec
     assert_same_bits(got.params, p)
 
 
@@ -487,3 +501,12 @@ def test_convert_command_chain(tmp_path):
     assert "SYNTHETIC" in out and "bfloat16" in out
     src = read_hf(tmp_path / "hf")
     assert_same_bits(read(tmp_path / "m.safetensors").params, rounded(src.params, "bfloat16"))
+
+
+def test_hf_and_llmc_refuse_a_padded_vocabulary(tmp_path):
+    spec = TINY.replace(vocab_multiple=64)
+    p = synthetic_params(spec, 0)
+    with pytest.raises(WeightsError, match="cannot record vocab_multiple=64"):
+        write_hf(tmp_path / "hf", spec, p)
+    with pytest.raises(WeightsError, match="cannot record vocab_multiple=64"):
+        write_llmc(tmp_path / "m.bin", spec, p)

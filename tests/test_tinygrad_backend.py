@@ -278,7 +278,9 @@ def test_implements_every_option():
         assert BACKEND.unsupported(small(name)) is None
 
 
-@pytest.fixture(scope="module", params=VARIANTS + SEED002)
+# seed 002's variants meet the reference in the conformance suite (test-mini, every dtype); here only
+# the tinygrad-specific paths: the draws API, padded rows, generation with a cache
+@pytest.fixture(scope="module", params=VARIANTS)
 def variant(request):
     spec = small(request.param)
     params = frozen(synthetic_params(spec, 0, "conformance"))

@@ -75,7 +75,7 @@ def require_plain_gpt2(spec: ModelSpec, layout: str, *, norm_eps_fixed: bool = T
                 f"the {layout} format cannot hold {option}={getattr(spec, option)!r} (only GPT-2 itself); "
                 "write a canonical gptspec file instead (gptspec convert ... --to canonical)"
             )
-    if spec.vocab_multiple != 1:
+    if spec.vocab_multiple != 1 and "vocab_multiple" not in also:
         raise WeightsError(f"the {layout} format cannot record vocab_multiple={spec.vocab_multiple} (SPEC.md 19); "
                            "write a canonical gptspec file instead (gptspec convert ... --to canonical)")
     if norm_eps_fixed and spec.norm_eps != 1e-5:

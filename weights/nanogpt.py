@@ -18,8 +18,10 @@ is refused with the reason, and nothing of it is unpickled.
 What the spec can and cannot hold: `bias=False` (nanoGPT's bias-free Linear and LayerNorm) is the
 spec's `bias="off"` (SPEC.md 15). Formerly it was not
 GPT-2 and is refused. nanoGPT's from-scratch default `vocab_size=50304` (GPT-2's 50257 rounded up to
-a multiple of 64) is kept as it is: nanoGPT's softmax runs over all 50304 entries, so the model is
-exactly the spec's GPT-2 with `vocab_size=50304`, and nothing is dropped. nanoGPT fixes LayerNorm's
+a multiple of 64) is read as `vocab_size=50257, vocab_multiple=64` (SPEC.md 19): the 47 padding rows
+are kept, never sampled, and outside the spec's loss (nanoGPT's softmax includes them; trained, their
+logits are pushed far down, so the two losses differ negligibly). A padded model is written back with
+nanoGPT's padded vocab_size, its true size in `config`. nanoGPT fixes LayerNorm's
 eps at 1e-5. Its model.py computes GELU with erf (`nn.GELU()`) where GPT-2 and the spec use the tanh
 form: the file does not record it, the weights are the same; a nanoGPT-trained model run by gptspec
 (or by Hugging Face, or llm.c) uses the tanh form.
@@ -133,6 +135,18 @@ def _plain_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _vocabulary(path: Path, rows: int, config: dict) -> tuple[int, int]:
+    """(vocab_size, vocab_multiple) of a checkpoint whose embedding has `rows` rows (SPEC.md 19): as gptspec
+    wrote it (its config says), GPT-2's 50257 padded to 50304 (nanoGPT's from-scratch default), or unpadded."""
+    vocab, multiple = config.get("gptspec_vocab_size"), config.get("gptspec_vocab_multiple")
+    if _plain_int(vocab) and _plain_int(multiple) and vocab >= 1 and multiple >= 1:
+        if -(-vocab // multiple) * multiple != rows:
+            raise WeightsError(f"{path}: config's gptspec_vocab_size={vocab} padded to a multiple of {multiple} "
+                               f"is not model_args' vocab_size={rows}")
+        return vocab, multiple
+    return (50257, 64) if rows == 50304 else (rows, 1)
+
+
 def read_nanogpt(path: str | os.PathLike, *, progress: Progress | None = None) -> Checkpoint:
     """Read a nanoGPT `ckpt.pt` into canonical form (torch.load with weights_only=True only)."""
     path = Path(path)
@@ -160,9 +174,11 @@ def read_nanogpt(path: str | os.PathLike, *, progress: Progress | None = None) -
         raise WeightsError(f"{path}: model_args must hold integers: {', '.join(bad)}")
     if args.get("bias", True) not in (True, False):
         raise WeightsError(f"{path}: model_args has bias={args['bias']!r}; nanoGPT's bias is True or False")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    vocab, multiple = _vocabulary(path, args["vocab_size"], config)
     try:
-        spec = ModelSpec(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
-                         n_layer=args["n_layer"], n_head=args["n_head"],
+        spec = ModelSpec(vocab_size=vocab, vocab_multiple=multiple, n_positions=args["block_size"],
+                         n_embd=args["n_embd"], n_layer=args["n_layer"], n_head=args["n_head"],
                          bias="on" if args.get("bias", True) else "off")  # SPEC.md 15
     except SpecError as e:
         raise WeightsError(f"{path}: model_args do not make a valid GPT-2: {e}") from None
@@ -196,7 +212,6 @@ def read_nanogpt(path: str | os.PathLike, *, progress: Progress | None = None) -
         done += t.numel() * t.element_size()
         if progress:
             progress(f"converting {path.name}", done, total)
-    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
     metadata = {"format": "nanoGPT"}
     for key in ("iter_num", "best_val_loss"):
         if key in obj:
@@ -233,7 +248,7 @@ def write_nanogpt(
 ) -> Path:
     """Write a nanoGPT `ckpt.pt` (float32, bfloat16 or float16 tensors). Atomic."""
     dtype = canonical_dtype(dtype)
-    require_plain_gpt2(spec, "nanoGPT", also=("bias",))
+    require_plain_gpt2(spec, "nanoGPT", also=("bias", "vocab_multiple"))
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to export")
     path = Path(path)
     torch = _torch(path, "writing")
@@ -245,14 +260,15 @@ def write_nanogpt(
         state[PREFIX + p.name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
     state["lm_head.weight"] = state[PREFIX + "wte.weight"]  # tied: one storage, saved once
     model_args = dict(n_layer=spec.n_layer, n_head=spec.n_head, n_embd=spec.n_embd, block_size=spec.n_positions,
-                      bias=spec.bias == "on", vocab_size=spec.vocab_size, dropout=0.0)
+                      bias=spec.bias == "on", vocab_size=spec.padded_vocab_size, dropout=0.0)
     checkpoint = {
         "model": state,
         "optimizer": fresh_optimizer_state(spec),
         "model_args": model_args,
         "iter_num": 0,
         "best_val_loss": 1e9,
-        "config": {**model_args, "dtype": dtype, "gptspec_origin": origin, "gptspec_synthetic": bool(synthetic)},
+        "config": {**model_args, "dtype": dtype, "gptspec_origin": origin, "gptspec_synthetic": bool(synthetic),
+                   "gptspec_vocab_size": spec.vocab_size, "gptspec_vocab_multiple": spec.vocab_multiple},
     }
     total = sum(t.numel() * t.element_size() for k, t in state.items() if k != "lm_head.weight")
     path.parent.mkdir(parents=True, exist_ok=True)
