@@ -347,3 +347,22 @@ def test_importing_gptspec_imports_no_plotting_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@needs_backend
+def test_early_exit_artifacts_carry_their_draws_and_stats(tmp_path):
+    """SPEC.md 18.3-18.4: the draws are an input like the tokens, and the residual statistics an output."""
+    case = Case("test-mini", 0, batch=2, length=48, variant="early-exit")
+    (res,) = artifacts.record([backends.get(LOCAL[0])], [case], ["float32"], tmp_path / "rec")
+    assert res.status == "written", res.message
+    art = artifacts.read(res.path)
+    assert art.draws is not None and art.draws.shape == (2, 2, 48)
+    assert set(art.run.stats) == {"input", "mid", "output", "normed"}
+    result = artifacts.compare([res.path])
+    assert result.ok, failure_text(result.outcomes)
+    quantities = {c.quantity for o in result.outcomes for c in o.checks}
+    assert {"exit_loss", "exit_grads", "stats"} <= quantities
+    # other draws are other inputs: the two artifacts cannot be compared with one another
+    moved = _rewrite(res.path, tmp_path / "moved.safetensors", {"draws": np.zeros_like(art.draws)})
+    with pytest.raises(ArtifactError, match="different inputs"):
+        artifacts.compare([res.path, moved])
