@@ -205,9 +205,7 @@ class GPT(nn.Module):
         spec = self.spec
         if not torch.compiler.is_compiling():
             check_targets_tensor(spec, tokens, targets)
-            check_draws(spec, tokens.shape, None if draws is None else draws.shape, draws is None or
-                        draws.is_floating_point(), *((float(draws.min()), float(draws.max())) if draws is not None
-                                                     and draws.numel() else (0.0, 0.0)))
+            _check_draws(spec, tokens, draws)
         x = self.embed(tokens)
         if spec.loss == "final":
             for block in self.layers():
@@ -287,6 +285,14 @@ def _check_tokens(spec: ModelSpec, tokens: torch.Tensor) -> None:
     ok = _is_int(tokens) and tokens.numel() > 0
     lo, hi = (int(tokens.min()), int(tokens.max())) if ok else (0, 0)
     check_tokens(spec, tokens.shape, _is_int(tokens), lo, hi)
+
+
+def _check_draws(spec: ModelSpec, tokens: torch.Tensor, draws: torch.Tensor | None) -> None:
+    if draws is None:
+        return check_draws(spec, tokens.shape, None)
+    known = draws.is_floating_point() and draws.numel() > 0
+    lo, hi = (float(draws.min()), float(draws.max())) if known else (0.0, 0.0)
+    check_draws(spec, tokens.shape, draws.shape, draws.is_floating_point(), lo, hi)
 
 
 def check_targets_tensor(spec: ModelSpec, tokens: torch.Tensor, targets: torch.Tensor) -> None:
