@@ -60,7 +60,7 @@ def steps(backend, model: Any, spec: ModelSpec, prompts: Sequence[Sequence[int]]
     prompts = check_prompts(spec, prompts)
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    B, lengths = len(prompts), np.array([len(p) for p in prompts])
+    lengths = np.array([len(p) for p in prompts])
     end = np.minimum(lengths + max_new_tokens, spec.n_positions)  # each row's last length
     rng = np.random.default_rng(sampling.seed)
     finished = lengths >= end

@@ -4,11 +4,13 @@
     outcomes = run(["torch"], cases("default"))
 
 Also `gptspec conformance` (a table, non-zero exit on failure) and `pytest tests/`; across
-machines, `artifacts.record` / `artifacts.compare` (`gptspec conformance record|compare`).
+machines, `crossmachine.record` / `crossmachine.compare` (`gptspec conformance record|compare`), the
+artifact files themselves in `artifact_file`.
 """
-from . import artifacts
+from . import artifact_file, crossmachine
 from .cases import TIERS, Case, cases
 from .metrics import Check, compare, errors
 from .runner import Outcome, run, run_case
 
-__all__ = ["Case", "cases", "TIERS", "Check", "compare", "errors", "Outcome", "run", "run_case", "artifacts"]
+__all__ = ["Case", "cases", "TIERS", "Check", "compare", "errors", "Outcome", "run", "run_case", "artifact_file",
+           "crossmachine"]

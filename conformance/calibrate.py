@@ -1,12 +1,18 @@
 """Calibrate the tolerance policy: measure errors over many seeds, write spec/tolerances.json.
 
     python -m gptspec.conformance.calibrate [--backend NAME ...] [--seeds N] [--gpt2-seeds N]
+    python -m gptspec.conformance.calibrate --trajectories [--seeds N] [--horizon 50 --horizon-seeds N]
 
 For every (dtype, quantity, metric) the bound is the smallest number of the form
 {1, 2, 5} x 10^k that is at least 3x the largest error measured over every backend,
 case and tensor. Steps of that ladder are at most 2.5x apart, so every bound lands
 between 3x and 7.5x the largest measured error: never tighter than 2x (flaky), never
 looser than 10x (blind). tests/test_tolerances.py holds the file to that rule.
+
+`--trajectories` measures the training bounds (SPEC.md 20.11) the same way, into the file's
+"trajectory" key alone: the trajectory cases (conformance/trajectory.py) over seeds, in both training
+precisions, on every installed backend; the bound of a step horizon H rests on the largest error of
+every check at a step <= H (tests/test_trajectory.py holds the file to the rule).
 """
 from __future__ import annotations
 
@@ -118,6 +124,178 @@ def _measure(backends, cases, dtypes, device, log) -> dict:
     return {"worst": worst, "runs": runs}
 
 
+# -- training trajectories (SPEC.md 20.11) ------------------------------------------------------------
+TRAJ_BEGIN, TRAJ_END = "<!-- trajectory-tolerances:begin -->", "<!-- trajectory-tolerances:end -->"
+
+
+def trajectory_calibration_cases(seeds: int, steps: int = 4, horizon: int | None = None, horizon_seeds: int = 2,
+                                 which: str = "all"):
+    """The small cases over `seeds` seeds and the full gpt2 shapes' one step (`which`: all, small or gpt2),
+    plus, with `horizon`, the small cases over `horizon_seeds` seeds run for `horizon` steps."""
+    from .trajectory import TrajectoryCase, small_trajectory_cases
+
+    out = small_trajectory_cases(range(seeds), steps) if which != "gpt2" else []
+    if seeds and which != "small":  # seeds 0: no default-tier runs (only --horizon's, or merging others)
+        out.append(TrajectoryCase("gpt2", 0, batch=1, length=32, steps=1, precisions=("float32",), accum=1))
+    if horizon:
+        out += small_trajectory_cases(range(horizon_seeds), horizon)
+    return out
+
+
+def _step_of(check) -> int:
+    # per-step checks are named "step s", state checks "step k: <tensor>"
+    return int(check.tensor.split(":")[0].split()[1])
+
+
+def measure_trajectories(backends: list[str], cases, log=print) -> dict:
+    """The largest error of every (precision, step, quantity, metric) over the backends and cases, against
+    the reference, measured under infinite bounds."""
+    from ..spec.train import PRECISIONS
+    from ..spec.tolerance import TRAJECTORY_QUANTITIES
+    from .trajectory import run_trajectory
+
+    if not cases:
+        return {"by_step": {}, "runs": 0}
+    steps = sorted({s for c in cases for s in range(1, c.steps + 1)})
+    unbounded = {"horizons": [max(steps)], "bounds": {p: {str(max(steps)): {
+        q: dict.fromkeys(METRICS, math.inf) for q in TRAJECTORY_QUANTITIES}} for p in PRECISIONS}}
+    tolerance.policy.cache_clear()
+    original = tolerance.policy
+    forward = original()
+    tolerance.policy = lambda: dict(forward, trajectory=unbounded)
+    # worst[precision][step][quantity][metric]
+    worst: dict = {}
+    runs = 0
+    try:
+        resolved = [get(b) for b in backends]
+        for case in cases:
+            for precision in case.precisions:
+                for out in run_trajectory(resolved, case, precision, pairwise=False):
+                    if out.status == "error":
+                        raise RuntimeError(f"{out.subject} failed on {case.id} {precision}: {out.message}")
+                    if out.status != "ran":
+                        continue
+                    runs += 1
+                    for c in out.checks:
+                        if c.note:
+                            raise RuntimeError(f"{out.subject} {case.id} {precision} {c.tensor}: {c.note}")
+                        for metric in METRICS:
+                            slot = (worst.setdefault(precision, {}).setdefault(_step_of(c), {})
+                                    .setdefault(c.quantity, {}).setdefault(metric, {"value": 0.0}))
+                            value = getattr(c, metric)
+                            if value > slot["value"]:
+                                slot.update(value=value, backend=out.subject, case=case.id, tensor=c.tensor)
+                log(f"  {case.id} {precision}: done")
+    finally:
+        tolerance.policy = original
+    return {"by_step": worst, "runs": runs}
+
+
+def trajectory_bounds(by_step: dict, horizons) -> tuple[dict, dict]:
+    """(bounds, measured) per precision and horizon: each from the largest error at any step <= horizon."""
+    from ..spec.tolerance import TRAJECTORY_QUANTITIES
+
+    bounds, measured = {}, {}
+    for precision, steps in by_step.items():
+        for h in horizons:
+            slots = {}
+            for s, quantities in steps.items():
+                if s > h:
+                    continue
+                for q, metrics in quantities.items():
+                    for k, slot in metrics.items():
+                        best = slots.setdefault(q, {}).get(k)
+                        if best is None or slot["value"] > best["value"]:
+                            slots[q][k] = dict(slot, step=s)
+            missing = [q for q in TRAJECTORY_QUANTITIES if q not in slots]
+            if not slots:
+                continue  # this precision never ran that far
+            if missing or any(m["value"] <= 0 for q in slots.values() for m in q.values()):
+                raise RuntimeError(f"{precision} horizon {h}: no error measured for {missing or 'some metric'}")
+            measured.setdefault(precision, {})[str(h)] = slots
+            bounds.setdefault(precision, {})[str(h)] = {
+                q: {k: nice_bound(slots[q][k]["value"]) for k in METRICS} for q in TRAJECTORY_QUANTITIES}
+    return bounds, measured
+
+
+def trajectory_table(section: dict) -> str:
+    """SPEC.md 20.11's table: each trajectory bound with the largest error measured and where."""
+    from ..spec.tolerance import TRAJECTORY_QUANTITIES
+
+    lines = ["| precision | steps <= | quantity | rel_l2 bound | measured max | rel_max bound | measured max | "
+             "worst case (rel_l2) |", "|---|---|---|---|---|---|---|---|"]
+    for p, horizons in section["bounds"].items():
+        for h, quantities in sorted(horizons.items(), key=lambda kv: int(kv[0])):
+            for q in TRAJECTORY_QUANTITIES:
+                b, m = quantities[q], section["measured"][p][h][q]
+                where = m["rel_l2"]
+                lines.append(f"| {p} | {h} | {q} | {b['rel_l2']:.0e} | {m['rel_l2']['value']:.1e} | "
+                             f"{b['rel_max']:.0e} | {m['rel_max']['value']:.1e} | {where['backend']}, "
+                             f"{where['case']}, `{where['tensor']}` |")
+    c = section["calibration"]
+    lines += ["", f"Calibrated {c['date']} on {', '.join(c['backends'])} ({c['machine']}): {c['runs']} runs "
+                  f"over {len(c['cases'])} cases."]
+    return "\n".join(lines)
+
+
+def write_trajectory_table(section: dict, path=SPEC_FILE) -> None:
+    text = path.read_text()
+    if TRAJ_BEGIN not in text:
+        raise RuntimeError(f"{path} lacks the {TRAJ_BEGIN} ... {TRAJ_END} markers of section 20.11")
+    head, rest = text.split(TRAJ_BEGIN, 1)
+    _, tail = rest.split(TRAJ_END, 1)
+    path.write_text(f"{head}{TRAJ_BEGIN}\n{trajectory_table(section)}\n{TRAJ_END}{tail}")
+
+
+def calibrate_trajectories(args, backends) -> int:
+    cases = trajectory_calibration_cases(args.seeds, 4, args.horizon, args.horizon_seeds, args.cases)
+    print(f"calibrating trajectories on {', '.join(backends)}: {len(cases)} cases", file=sys.stderr)
+    m = measure_trajectories(backends, cases, log=lambda s: print(s, file=sys.stderr))
+    doc = json.loads(Path(args.out).read_text())
+    # earlier measurements: the --out file's (--merge) and other calibrations' files (--merge-from: another
+    # process or machine); each (precision, step, quantity, metric) keeps the largest of all
+    earlier = ([doc["trajectory"]] if args.merge and "trajectory" in doc else []) + [
+        json.loads(Path(f).read_text())["trajectory"] for f in args.merge_from or ()]
+    by_step = m["by_step"]
+    for section in earlier:
+        for p, steps in section["by_step"].items():
+            for s, quantities in steps.items():
+                for q, metrics in quantities.items():
+                    for k, old in metrics.items():
+                        slot = by_step.setdefault(p, {}).setdefault(int(s), {}).setdefault(q, {}).get(k)
+                        if slot is None or old["value"] > slot["value"]:
+                            by_step[p][int(s)][q][k] = old
+    horizons = sorted({1, 4} | ({args.horizon} if args.horizon else set())
+                      | {h for section in earlier for h in section["horizons"]})
+    bounds, measured = trajectory_bounds(by_step, horizons)
+    section = {
+        "policy": "per precision and step horizon H: bound = smallest {1,2,5}x10^k >= 3 x the largest error "
+                  "measured at any step <= H; a check at step s uses the smallest H >= s; pairwise 2 x bound. "
+                  "See spec/SPEC.md 20.11.",
+        "horizons": horizons,
+        "bounds": bounds,
+        "measured": measured,
+        "by_step": {p: {str(s): q for s, q in sorted(steps.items())} for p, steps in by_step.items()},
+        "calibration": {
+            "date": datetime.date.today().isoformat(),
+            "backends": sorted(set(backends if m["runs"] else ()).union(
+                *(e["calibration"]["backends"] for e in earlier))),
+            "runs": m["runs"] + sum(e["calibration"]["runs"] for e in earlier),
+            "cases": sorted(set(c.id for c in cases).union(*(e["calibration"]["cases"] for e in earlier))),
+            "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        },
+    }
+    doc["trajectory"] = section
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    tolerance.policy.cache_clear()
+    if args.out == str(TOLERANCES_FILE):
+        write_trajectory_table(section)
+    print(trajectory_table(section))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gptspec.conformance.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,8 +310,20 @@ def main(argv=None) -> int:
                     help="add to the measurements already in --out: each bound then comes from the largest error "
                          "of both calibrations (for variants added since the last full one)")
     ap.add_argument("--out", default=str(TOLERANCES_FILE))
+    ap.add_argument("--trajectories", action="store_true",
+                    help="calibrate the training bounds (SPEC.md 20.11) instead: trajectory cases over --seeds seeds")
+    ap.add_argument("--horizon", type=int, default=None,
+                    help="with --trajectories: also run the small cases this many steps (the heavy tier's 50)")
+    ap.add_argument("--horizon-seeds", type=int, default=2, help="seeds of the --horizon runs")
+    ap.add_argument("--cases", choices=("all", "small", "gpt2"), default="all",
+                    help="with --trajectories: the small configs, the full gpt2 shapes, or both")
+    ap.add_argument("--merge-from", action="append", metavar="FILE",
+                    help="with --trajectories: also keep the trajectory measurements of another calibration's "
+                         "tolerances file (another process or machine); repeatable")
     args = ap.parse_args(argv)
     backends = args.backend or available()
+    if args.trajectories:
+        return calibrate_trajectories(args, backends)
     cases = calibration_cases(args.seeds, args.gpt2_seeds, args.variant_seeds, args.variant)
     print(f"calibrating on {', '.join(backends)}: {len(cases)} cases x {len(DTYPES)} dtypes", file=sys.stderr)
     m = measure(backends, cases, device=args.device, log=lambda s: print(s, file=sys.stderr))

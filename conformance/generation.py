@@ -14,6 +14,11 @@ backend~backend):
 The log-probabilities of one position differ by their logits' difference; the scale is the largest
 reference logit along the path's generating positions (the rows that chose its tokens), the
 tensor scale that `rel_max` is relative to.
+
+In `gptspec conformance` (run_generation, after each model's own rows): every backend's cached
+logits of the case's first sequence (a prefill, single tokens, a chunk) against the reference's
+whole-sequence logits under the logits bound, and its greedy continuation of a short prompt
+against the reference's, judged as above; then every pair of backends.
 """
 from __future__ import annotations
 
@@ -102,3 +107,205 @@ class ReferenceBackend:
         seq = np.asarray(tokens) if cache is None else np.concatenate([cache, tokens], axis=1)
         logits = reference.forward(self.spec, self.params, seq)[:, -np.shape(tokens)[1]:]
         return (logits[:, -1:] if last_only else logits), seq
+
+
+# -- generation in the conformance suite (`gptspec conformance`) -----------------------------------
+# The greedy check: a short prompt and few new tokens, so that the default command stays quick; the
+# cached-logits check runs the case's whole first sequence through the cache.
+PROMPT_TOKENS, NEW_TOKENS = 8, 8
+
+
+def informative_weights(spec: ModelSpec, params: Mapping[str, np.ndarray], synthetic: bool) -> dict:
+    """The weights greedy decoding is checked on. Synthetic GPT-2 weights get their token embedding
+    shrunk 10x: at full size a random model's residual stream is mostly the token's own embedding,
+    which the tied head maps back to the same token, so greedy decoding repeats one id and would not
+    notice a wrong cache. Shrunk, the next token depends on the attention over the whole context."""
+    if synthetic and spec.architecture == "gpt2":
+        return dict(params, **{"wte.weight": np.asarray(params["wte.weight"]) * np.float32(0.1)})
+    return dict(params)
+
+
+# By default generation is checked once per variant on synthetic weights: on its largest model up to this
+# size (test-mini's two layers in the default tier). The gpt2 shapes cost seconds per backend and dtype
+# (model builds, a float64 reference run) and run the same cache code; `large=True` (the heavy tier)
+# checks every model. Real weights always generate: there greedy continuations are text, and ties rare.
+LARGE_PARAMS = 10_000_000
+
+
+def generation_cases(cases: Sequence, large: bool = False) -> list:
+    """The cases generation is checked on, in suite order: the first seed of each model (variant,
+    size, weights), since further seeds add time and little else to a check of the cache; unless
+    `large`, of a variant's synthetic models only the largest up to LARGE_PARAMS parameters."""
+    firsts: dict = {}
+    for case in cases:
+        firsts.setdefault((case.variant, case.preset, case.weights), case)
+    if large:
+        return list(firsts.values())
+    chosen: dict = {}
+    for case in firsts.values():
+        if case.synthetic and case.spec.n_params <= LARGE_PARAMS:
+            best = chosen.get(case.variant)
+            if best is None or case.spec.n_params > best.spec.n_params:
+                chosen[case.variant] = case
+    keep = set(chosen.values())
+    return [c for c in firsts.values() if c in keep or not c.synthetic]
+
+
+def cache_splits(length: int) -> list[int]:
+    """A prefill (of the greedy check's prompt length, so that a compiling backend reuses its kernels),
+    three single tokens, then the rest as one chunk."""
+    first = max(min(PROMPT_TOKENS, length // 2), 1)
+    singles = [1] * min(3, length - first)
+    rest = length - first - len(singles)
+    return [first, *singles] + ([rest] if rest else [])
+
+
+def cached_logits(backend, model, tokens: np.ndarray) -> np.ndarray:
+    """The logits of `tokens` (B, T) fed through `extend` in the pieces of cache_splits(T)."""
+    out, cache, start = [], None, 0
+    for t in cache_splits(tokens.shape[1]):
+        logits, cache = backend.extend(model, tokens[:, start : start + t], cache)
+        out.append(np.asarray(logits))
+        start += t
+    return np.concatenate(out, axis=1)
+
+
+def judge_against_reference_greedy(spec: ModelSpec, params: Mapping[str, np.ndarray], prompt: Sequence[int],
+                                   got: Sequence[int], dtype: str, new: int | None = None) -> GreedyVerdict:
+    """`got` (a backend's greedy continuation, of `new` tokens where given) against the reference's own
+    greedy continuation, with one reference run along `got`: up to the first position where the
+    reference's choice differs from `got` the two paths are the same, so that position is the paths'
+    first difference, judged as judge_greedy judges it (a near-tie of the reference is accepted)."""
+    got = [int(t) for t in got]
+    if new is not None and len(got) != new:
+        return GreedyVerdict(False, False, min(len(got), new),
+                             message=f"{len(got)} tokens generated where the reference generates {new}")
+    logits = reference_logits(spec, params, prompt, got)
+    V = spec.vocab_size
+    chosen = logits[len(prompt) - 1 : len(prompt) - 1 + len(got), :V].argmax(-1)
+    j = next((i for i, (x, y) in enumerate(zip(got, chosen)) if x != y), None)
+    want = got if j is None else got[:j] + [int(chosen[j])]
+    return judge_greedy(logits, len(prompt), got, want, dtype, V) if j is not None else \
+        GreedyVerdict(True, True, message=f"identical ({len(got)} tokens)")
+
+
+@dataclass(frozen=True)
+class GreedyInputs:
+    params: dict                # the informative weights, float32, as given to every backend
+    rounded: dict               # the same rounded to the dtype, float64: what the reference runs
+    prompt: tuple[int, ...]
+    new: int                    # tokens to generate
+
+
+_greedy_cache: dict = {}
+
+
+def greedy_inputs(case, dtype: str) -> GreedyInputs:
+    """The weights and prompt (the case's first PROMPT_TOKENS tokens) of the greedy check; the current
+    (case, dtype) is kept, so that its backends share them."""
+    from ..weights import round_to_dtype
+    from .runner import reference_run
+
+    key = (case, dtype)
+    if key not in _greedy_cache:
+        ref = reference_run(case, dtype)
+        params = informative_weights(ref.spec, ref.params, case.synthetic)
+        rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in params.items()}
+        prompt = tuple(int(t) for t in ref.tokens[0, :PROMPT_TOKENS])
+        _greedy_cache.clear()
+        _greedy_cache[key] = GreedyInputs(params, rounded, prompt, min(NEW_TOKENS, ref.spec.n_positions - len(prompt)))
+    return _greedy_cache[key]
+
+
+@dataclass
+class GenerationRun:
+    logits: np.ndarray            # cached logits of the case's first sequence
+    greedy: tuple[int, ...]       # greedy continuation of the prompt
+    seconds: float
+
+
+def generation_run(backend, case, dtype: str, device: str) -> GenerationRun:
+    import time
+
+    from ..backends.generation import generate
+    from ..spec.sampling import Sampling
+    from .runner import reference_run
+
+    start = time.perf_counter()
+    ref, greedy = reference_run(case, dtype), greedy_inputs(case, dtype)
+    model = backend.build(ref.spec, ref.params, dtype, device)
+    logits = cached_logits(backend, model, ref.tokens[:1])
+    if any(greedy.params[n] is not a for n, a in ref.params.items()):  # the informative weights differ
+        model = backend.build(ref.spec, greedy.params, dtype, device)
+    got = generate(backend, model, ref.spec, [list(greedy.prompt)], greedy.new, Sampling(temperature=0),
+                   stop=None).new[0]
+    return GenerationRun(logits, tuple(got), time.perf_counter() - start)
+
+
+def run_generation(backends, case, dtype: str, device: str | None = None, pairwise: bool = True,
+                   on_start=None, on_outcome=None) -> list:
+    """Generation with the KV cache for one case and dtype (outcomes of kind "generation"): each
+    backend that implements `extend` against the reference (cached logits of the case's first
+    sequence under the logits bound; greedy continuation equal up to a near-tie, judge_greedy),
+    then every pair."""
+    from itertools import combinations
+
+    from ..spec import BackendError
+    from .metrics import compare
+    from .runner import Outcome, memory_gap, reference_run
+
+    outcomes: list = []
+
+    def emit(out) -> None:
+        outcomes.append(out)
+        if on_outcome:
+            on_outcome(out)
+
+    too_big = memory_gap(case)
+    runs, devices = {}, {}
+    spec = case.spec
+    for backend in backends:
+        dev = devices[backend.name] = device or backend.devices()[0]
+        out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=case.synthetic, kind="generation")
+        missing = backend.unsupported(spec)
+        if too_big:
+            out.status, out.message = "not run", too_big
+        elif missing:
+            out.status, out.message = "not implemented", missing
+        elif dtype not in backend.dtypes(dev):
+            out.status, out.message = "unsupported", f"{backend.name} does not run {dtype} on {dev}"
+        else:
+            if on_start:
+                on_start(case.id, f"{backend.name} generation", dtype)
+            try:
+                run = generation_run(backend, case, dtype, dev)
+            except BackendError as e:
+                if "does not implement generation" in str(e):  # a gap, as a variant a backend lacks
+                    out.status, out.message = "not implemented", str(e)
+                else:
+                    out.status, out.message = "error", f"{type(e).__name__}: {e}"
+            except Exception as e:  # a crash is a failure of that backend, reported, not fatal
+                out.status, out.message = "error", f"{type(e).__name__}: {e}"
+            else:
+                ref, greedy = reference_run(case, dtype), greedy_inputs(case, dtype)
+                runs[backend.name], out.seconds = run, run.seconds
+                V = spec.vocab_size
+                out.checks = [compare(run.logits[..., :V], ref.logits[:1, :, :V], case=case.id, subject=backend.name,
+                                      device=dev, dtype=dtype, quantity="logits", tensor="cached logits",
+                                      names=(backend.name, "reference"))]
+                out.verdicts = [judge_against_reference_greedy(spec, greedy.rounded, greedy.prompt, run.greedy,
+                                                               dtype, greedy.new)]
+        emit(out)
+    if pairwise and runs:
+        greedy = greedy_inputs(case, dtype)
+        for a, b in combinations(runs, 2):
+            dev = devices[a] if devices[a] == devices[b] else f"{devices[a]}/{devices[b]}"
+            subject = f"{a}~{b}"
+            check = compare(runs[a].logits[..., :spec.vocab_size], runs[b].logits[..., :spec.vocab_size],
+                            case=case.id, subject=subject, device=dev, dtype=dtype, quantity="logits",
+                            tensor="cached logits", pairwise=True, names=(a, b))
+            verdict = judge_against_reference(spec, greedy.rounded, greedy.prompt, runs[a].greedy, runs[b].greedy,
+                                              dtype)
+            emit(Outcome(case.id, subject, dev, dtype, "ran", [check], synthetic=case.synthetic,
+                         kind="generation", verdicts=[verdict]))
+    return outcomes

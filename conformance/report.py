@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict
 from typing import Iterable
 
 from rich.console import Console
@@ -12,7 +13,7 @@ from .metrics import Check
 from .runner import Outcome
 
 
-def _cell(check: Check | None) -> str:
+def _cell(check: Check | None, named: bool = True) -> str:
     if check is None:
         return "-"
     if check.note:
@@ -20,7 +21,7 @@ def _cell(check: Check | None) -> str:
     l2 = check.rel_l2 / check.bound_l2 >= check.rel_max / check.bound_max
     err, bnd = (check.rel_l2, check.bound_l2) if l2 else (check.rel_max, check.bound_max)
     color = "green" if check.ok else "red"
-    name = "" if check.tensor in ("logits", "loss") else f" {check.tensor}"
+    name = "" if check.tensor in ("logits", "loss") or not named else f" {check.tensor}"
     return f"[{color}]{err:.1e}[/{color}] / {bnd:.0e}{name}"
 
 
@@ -33,16 +34,56 @@ def _status(o: Outcome) -> str:
 
 
 def table(outcomes: Iterable[Outcome], title: str = "gptspec conformance") -> Table:
+    """The forward, loss and gradient rows (generation_table shows the generation rows)."""
     t = Table(title=title, caption="cells: worst error / its bound (relative; see SPEC.md 'Tolerance policy')")
     for col in ("case", "weights", "backend", "device", "dtype", "logits", "loss", "grads (worst tensor)", "time", "result"):
         t.add_column(col, no_wrap=True)
     for o in outcomes:
+        if o.kind != "model":
+            continue
         t.add_row(
             o.case, "[yellow]SYNTHETIC[/yellow]" if o.synthetic else "real", o.subject, o.device,
             o.dtype, _cell(o.worst("logits")), _cell(o.worst("loss")), _cell(o.worst("grads")),
             f"{o.seconds:.1f}s" if o.seconds else "", _status(o),
         )
     return t
+
+
+def _greedy_cell(o: Outcome) -> str:
+    if not o.verdicts:
+        return "-"
+    return "; ".join(f"[green]{v}[/green]" if v.ok else f"[red]{v}[/red]" for v in o.verdicts)
+
+
+def generation_table(outcomes: Iterable[Outcome], title: str = "gptspec conformance: generation (KV cache)") -> Table:
+    """The generation rows: cached logits against the whole sequence's, greedy continuations."""
+    t = Table(title=title, caption="cached logits: worst error / its bound; greedy: the continuations compared "
+                                   "(a first difference passes only at a near-tie of the reference)")
+    for col in ("case", "weights", "backend", "device", "dtype", "cached logits", "greedy", "time", "result"):
+        t.add_column(col, no_wrap=True)
+    for o in outcomes:
+        if o.kind != "generation":
+            continue
+        t.add_row(
+            o.case, "[yellow]SYNTHETIC[/yellow]" if o.synthetic else "real", o.subject, o.device, o.dtype,
+            _cell(o.worst("logits"), named=False), _greedy_cell(o), f"{o.seconds:.1f}s" if o.seconds else "",
+            _status(o),
+        )
+    return t
+
+
+def summary(o: Outcome) -> str:
+    """One line (rich markup) for an outcome as it streams: what ran, its result, and its worst
+    error against its bound (or why it did not run)."""
+    what = f"{o.subject} {o.case} {o.dtype}" + (" generation" if o.kind == "generation" else "")
+    if o.status != "ran":
+        return f"{_status(o)} {what}: {o.message}"
+    worst = max(o.checks, key=lambda c: c.worst_ratio, default=None)
+    parts = [] if worst is None else [f"worst {_cell(worst)}" + ("" if worst.tensor not in ("logits", "loss")
+                                                                  else f" {worst.tensor}")]
+    parts += [f"greedy {_greedy_cell(o)}"] if o.verdicts else []
+    time = f" ({o.seconds:.1f}s)" if o.seconds else ""
+    return f"{_status(o)} {what}: {'; '.join(parts)}{time}"
 
 
 def details(outcome: Outcome, only_failures: bool = False) -> Table:
@@ -54,6 +95,10 @@ def details(outcome: Outcome, only_failures: bool = False) -> Table:
             continue
         t.add_row(c.tensor, f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.bound_l2:.0e}", f"{c.rel_max:.2e}",
                   f"{c.bound_max:.0e}", "[green]yes[/green]" if c.ok else f"[red]NO {c.note}[/red]")
+    for v in outcome.verdicts:
+        if only_failures and v.ok:
+            continue
+        t.add_row("greedy tokens", "", "", "", "", "", f"[green]yes: {v}[/green]" if v.ok else f"[red]NO: {v}[/red]")
     return t
 
 
@@ -73,13 +118,14 @@ def to_json(outcomes: Iterable[Outcome], environment: dict) -> str:
         "environment": environment,
         "outcomes": [
             {k: getattr(o, k) for k in ("case", "subject", "device", "dtype", "status", "message", "seconds", "synthetic")}
-            | {"ok": o.ok, "checks": [c.as_dict() for c in o.checks]}
+            | {"kind": o.kind, "ok": o.ok, "checks": [c.as_dict() for c in o.checks]}
+            | ({"greedy": [asdict(v) for v in o.verdicts]} if o.kind == "generation" else {})
             for o in outcomes
         ],
     }, indent=1)
 
 
-# -- artifacts compared across machines (conformance/artifacts.py) ---------------------------
+# -- artifacts compared across machines (conformance/crossmachine.py) ---------------------------
 PLOT_HINT = "the heatmap (PNG) needs matplotlib: pip install 'gptspec[plot]'"
 
 
@@ -112,7 +158,7 @@ def _slug(text: str) -> str:
 
 
 def artifact_markdown(comparison, images: dict | None = None, plot_note: str = "") -> str:
-    """The report of artifacts.compare(): the artifacts, then per (case, dtype) a table of every
+    """The report of crossmachine.compare(): the artifacts, then per (case, dtype) a table of every
     tensor's worst error / its bound for each comparison, and its heatmap where one was drawn."""
     import json
 

@@ -41,11 +41,14 @@ class Outcome:
     message: str = ""
     seconds: float = 0.0
     synthetic: bool = True
+    kind: str = "model"       # "model": forward, loss, gradients; "generation": the KV cache and greedy decoding
+    verdicts: list = field(default_factory=list)  # generation: greedy continuations judged (GreedyVerdict)
 
     @property
     def ok(self) -> bool:
         """Failed checks and errors fail; a gap (dtype, variant or memory) is shown, not failed."""
-        return self.status in GAPS or (self.status == "ran" and all(c.ok for c in self.checks))
+        return self.status in GAPS or (self.status == "ran" and all(c.ok for c in self.checks)
+                                       and all(v.ok for v in self.verdicts))
 
     @property
     def failures(self) -> list[Check]:
@@ -196,23 +199,48 @@ def _memory_bytes() -> int | None:
         return None
 
 
-def run_case(
-    backends: list[Backend], case: Case, dtype: str, device: str | None = None, pairwise: bool = True,
-) -> list[Outcome]:
-    """Every backend against the reference for one case and dtype, then every pair."""
+def memory_gap(case: Case) -> str | None:
+    """Why the case cannot run on this machine's memory, or None."""
     needed = case.spec.n_params * BYTES_PER_PARAM if case.synthetic else 0
     memory = _memory_bytes()
     if memory and needed > memory:
-        msg = f"needs about {needed / 2**30:.0f} GiB of memory, this machine has {memory / 2**30:.0f} GiB"
-        return [Outcome(case.id, b.name, device or "-", dtype, "not run", message=msg) for b in backends]
+        return f"needs about {needed / 2**30:.0f} GiB of memory, this machine has {memory / 2**30:.0f} GiB"
+    return None
+
+
+# on_start(case_id, subject, dtype): called before each long step (the reference, each backend), for progress
+OnStart = Callable[[str, str, str], None]
+
+
+def run_case(
+    backends: list[Backend], case: Case, dtype: str, device: str | None = None, pairwise: bool = True,
+    on_start: OnStart | None = None, on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Every backend against the reference for one case and dtype, then every pair; each outcome
+    goes to `on_outcome` as soon as it is known."""
+    started = on_start or (lambda case_id, subject, dtype: None)
+    outcomes: list[Outcome] = []
+
+    def emit(out: Outcome) -> None:
+        outcomes.append(out)
+        if on_outcome:
+            on_outcome(out)
+
+    too_big = memory_gap(case)
+    if too_big:
+        for b in backends:
+            emit(Outcome(case.id, b.name, device or "-", dtype, "not run", message=too_big))
+        return outcomes
 
     spec = case.spec
     names = [p.name for p in param_table(spec)]
     # the reference (minutes for the large presets) only when some backend will run against it
     runnable = [b for b in backends if not b.unsupported(spec)
                 and dtype in b.dtypes(device or b.devices()[0])]
+    if runnable:
+        started(case.id, "reference", dtype)
     ref = reference_run(case, dtype) if runnable else None
-    outcomes, runs = [], {}
+    runs = {}
     for backend in backends:
         dev = device or backend.devices()[0]
         out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=case.synthetic)
@@ -223,6 +251,7 @@ def run_case(
             out.status, out.message = "unsupported", f"{backend.name} does not run {dtype} on {dev}"
         else:
             try:
+                started(case.id, backend.name, dtype)
                 run = cached_run(backend, case, ref, dtype, dev)
             except Exception as e:  # a crash is a failure of that backend, reported, not fatal
                 out.status, out.message = "error", f"{type(e).__name__}: {e}"
@@ -232,7 +261,7 @@ def run_case(
                 out.checks = compare_runs(run, ref, case=case.id, subject=backend.name, device=dev,
                                           dtype=dtype, pairwise=False, names=(backend.name, "reference"),
                                           param_names=names)
-        outcomes.append(out)
+        emit(out)
     if pairwise:
         devices = {o.subject: o.device for o in outcomes}
         for a, b in combinations(runs, 2):
@@ -240,23 +269,29 @@ def run_case(
             dev = devices[a] if devices[a] == devices[b] else f"{devices[a]}/{devices[b]}"
             checks = compare_runs(runs[a], runs[b], case=case.id, subject=subject, device=dev, dtype=dtype,
                                   pairwise=True, names=(a, b), param_names=names, spec=spec)
-            outcomes.append(Outcome(case.id, subject, dev, dtype, "ran", checks, synthetic=case.synthetic))
+            emit(Outcome(case.id, subject, dev, dtype, "ran", checks, synthetic=case.synthetic))
     return outcomes
 
 
 def run(
     backends: Iterable[str | Backend], cases: Iterable[Case], dtypes: Iterable[str] | None = None,
     device: str | None = None, pairwise: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
+    on_start: OnStart | None = None, generation: Iterable[Case] = (),
 ) -> list[Outcome]:
-    """The suite: every case x dtype x backend (and pair). Dtypes default to all the spec defines."""
+    """The suite: every case x dtype x backend (and pair). Dtypes default to all the spec defines.
+    `generation`: the cases (of `cases`) whose KV cache and greedy decoding are checked too
+    (conformance/generation.py, e.g. generation_cases(cases)), each right after its case's own rows,
+    so that the reference is reused. `on_outcome` gets each outcome as it is known, `on_start` each
+    long step as it begins."""
     from ..spec import DTYPES
+    from .generation import run_generation
 
     resolved = [get(b) if isinstance(b, str) else b for b in backends]
+    generating = set(generation)
     outcomes = []
     for case in cases:
         for dtype in dtypes or DTYPES:
-            for out in run_case(resolved, case, dtype, device, pairwise):
-                outcomes.append(out)
-                if on_outcome:
-                    on_outcome(out)
+            outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+            if case in generating:
+                outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
     return outcomes

@@ -42,11 +42,9 @@ def check_dtype(dtype, supported: Iterable[str], where: str) -> str:
     return name
 
 
-def check_tokens(
-    spec: ModelSpec, shape: Sequence[int], is_integer: bool, lo: int | None, hi: int | None,
-    name: str = "tokens",
-) -> None:
-    """tokens: (B, T) integers in [0, vocab_size) with 1 <= T <= n_positions."""
+def check_token_layout(spec: ModelSpec, shape: Sequence[int], is_integer: bool, name: str = "tokens") -> None:
+    """What a native model call checks (SPEC.md 6): rank (B, T), an integer dtype, 1 <= T <= n_positions.
+    Facts of the array's metadata only, so checking them never waits for the device."""
     shape = tuple(int(d) for d in shape)
     if len(shape) != 2:
         raise InputError(f"{name} must have shape (B, T), got shape {shape}")
@@ -59,11 +57,28 @@ def check_tokens(
         raise InputError(
             f"{name} has length T={T}, longer than the context length n_positions={spec.n_positions}"
         )
+
+
+def check_tokens(
+    spec: ModelSpec, shape: Sequence[int], is_integer: bool, lo: int | None, hi: int | None,
+    name: str = "tokens",
+) -> None:
+    """tokens: (B, T) integers in [0, vocab_size) with 1 <= T <= n_positions."""
+    check_token_layout(spec, shape, is_integer, name)
     if lo < 0 or hi >= spec.vocab_size:
         bad = lo if lo < 0 else hi
         raise InputError(
             f"{name} holds id {bad}, outside the vocabulary [0, {spec.vocab_size})"
         )
+
+
+def check_target_layout(tokens_shape: Sequence[int], shape: Sequence[int], is_integer: bool) -> None:
+    """What a native loss call checks (SPEC.md 6): targets have the tokens' shape and an integer dtype."""
+    shape, tokens_shape = tuple(int(d) for d in shape), tuple(int(d) for d in tokens_shape)
+    if shape != tokens_shape:
+        raise InputError(f"targets must have the shape of tokens {tokens_shape}, got {shape}")
+    if not is_integer:
+        raise InputError("targets must be an integer array, got a non-integer dtype")
 
 
 def check_targets(
@@ -74,11 +89,7 @@ def check_targets(
 
     n_counted, lo and hi are the count, min and max of the targets that are not IGNORE_INDEX.
     """
-    shape, tokens_shape = tuple(int(d) for d in shape), tuple(int(d) for d in tokens_shape)
-    if shape != tokens_shape:
-        raise InputError(f"targets must have the shape of tokens {tokens_shape}, got {shape}")
-    if not is_integer:
-        raise InputError("targets must be an integer array, got a non-integer dtype")
+    check_target_layout(tokens_shape, shape, is_integer)
     if n_counted == 0:
         raise InputError(
             f"every target equals the ignore index {IGNORE_INDEX}: the mean over zero targets is undefined"
@@ -150,10 +161,10 @@ def check_cache_room(n_positions: int, cached: int, new: int) -> None:
                          f"n_positions={n_positions}")
 
 
-def check_draws(spec: ModelSpec, tokens_shape: Sequence[int], draws_shape: Sequence[int] | None,
-                is_float: bool = True, lo: float = 0.0, hi: float = 0.0) -> None:
-    """SPEC.md 18.3: loss="early_exit" takes its uniform draws u as an input, shape (n_layer, B, T), each in
-    [0, 1); every other loss takes none. lo and hi are the draws' min and max (NaN fails both bounds)."""
+def check_draws_layout(spec: ModelSpec, tokens_shape: Sequence[int], draws_shape: Sequence[int] | None,
+                       is_float: bool = True) -> None:
+    """What a native loss call checks (SPEC.md 6, 18.3): loss="early_exit" takes draws of shape
+    (n_layer, B, T) in a floating-point dtype; every other loss takes none."""
     if spec.loss != "early_exit":
         if draws_shape is not None:
             raise InputError(f"draws are an input of loss='early_exit' only; this model's loss is {spec.loss!r}")
@@ -167,7 +178,14 @@ def check_draws(spec: ModelSpec, tokens_shape: Sequence[int], draws_shape: Seque
         raise InputError(f"draws must have shape (n_layer, B, T) = {expected}, got {shape}")
     if not is_float:
         raise InputError("draws must be a floating-point array, got a non-float dtype")
-    if not (lo >= 0.0 and hi < 1.0):
+
+
+def check_draws(spec: ModelSpec, tokens_shape: Sequence[int], draws_shape: Sequence[int] | None,
+                is_float: bool = True, lo: float = 0.0, hi: float = 0.0) -> None:
+    """SPEC.md 18.3: loss="early_exit" takes its uniform draws u as an input, shape (n_layer, B, T), each in
+    [0, 1); every other loss takes none. lo and hi are the draws' min and max (NaN fails both bounds)."""
+    check_draws_layout(spec, tokens_shape, draws_shape, is_float)
+    if draws_shape is not None and not (lo >= 0.0 and hi < 1.0):
         raise InputError(f"draws must lie in [0, 1), got values in [{lo}, {hi}]")
 
 

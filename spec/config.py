@@ -89,6 +89,20 @@ class ModelSpec:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
+    def sink_logit(self) -> float | None:
+        """SPEC.md 10.1: the constant sink logit ln c of softmax1 (c = 1) and softmax_c; None otherwise
+        (plain softmax, and learned sinks, whose logits are parameters)."""
+        return {"softmax1": 0.0, "softmax_c": math.log(self.softmax_c)}.get(self.attention)
+
+    @property
+    def has_unit_norm_weights(self) -> bool:
+        """Whether the parameter table has unit-norm matrices, which SPEC.md 11.3's weight normalization
+        restores after every training step (nGPT's)."""
+        from .params import param_table
+
+        return any(p.unit_norm_axis is not None for p in param_table(self))
+
+    @property
     def n_params(self) -> int:
         from .params import param_table
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from gptspec import backends, cli
-from gptspec.conformance import artifacts, runner
-from gptspec.conformance.artifacts import ArtifactError
+from gptspec.conformance import artifact_file, crossmachine, runner
+from gptspec.conformance.artifact_file import ArtifactError
 from gptspec.conformance.cases import Case
 from gptspec.conformance.cases import _checkpoint as cached_checkpoint
 from gptspec.conformance.report import failure_text, write_artifact_report
@@ -37,7 +37,7 @@ def pytest_generate_tests(metafunc):
         params = [pytest.param(None, marks=pytest.mark.skip(reason="pass --artifacts DIR to check recorded artifacts"))]
         ids = ["no-artifacts-given"]
     else:
-        found = [artifacts.read(p) for p in artifacts.expand([where])]
+        found = [artifact_file.read(p) for p in artifact_file.expand([where])]
         found.sort(key=lambda a: (a.case, a.dtype))  # the local runs of one case and dtype are reused
         params = [str(a.path) for a in found] or [None]
         named = (lambda p: str(p.relative_to(where))) if Path(where).is_dir() else (lambda p: p.name)
@@ -47,9 +47,9 @@ def pytest_generate_tests(metafunc):
 
 def test_recorded_artifact(artifact_path, request):
     assert artifact_path is not None, f"no artifacts (*.safetensors) in {request.config.getoption('--artifacts')}"
-    art = artifacts.read(artifact_path)
+    art = artifact_file.read(artifact_path)
     chosen = [backends.get(n) for n in request.config.getoption("--backend") or backends.available()]
-    outcomes = artifacts.compare_with_local(art, chosen, request.config.getoption("--device"),
+    outcomes = crossmachine.compare_with_local(art, chosen, request.config.getoption("--device"),
                                             weights=[w for w in [request.config.getoption("--weights")] if w])
     if outcomes[0].status == "not run":
         pytest.skip(outcomes[0].message)  # the checkpoint is not here: nothing to run it on
@@ -78,16 +78,16 @@ def _one(directory: Path, seed=0, backend=None, dtype="float32") -> Path:
 
 def _rewrite(src: Path, dest: Path, tensors=None, **meta) -> Path:
     """A copy of an artifact with some tensors or metadata changed."""
-    art = artifacts.read(src)
-    t = artifacts.tensors_of(art.run, art.tokens, art.targets)
+    art = artifact_file.read(src)
+    t = artifact_file.tensors_of(art.run, art.tokens, art.targets)
     t.update(tensors or {})
-    return artifacts.write(dest, t, {**art.meta, **meta})
+    return artifact_file.write(dest, t, {**art.meta, **meta})
 
 
 def test_record_writes_one_self_describing_artifact_per_backend_dtype_case(recorded):
     files = sorted(recorded.glob("*.safetensors"))
     assert len(files) == 2 * 2 * len(LOCAL)  # two seeds of test-tiny, two dtypes
-    art = artifacts.read(_one(recorded, dtype="bfloat16"))
+    art = artifact_file.read(_one(recorded, dtype="bfloat16"))
     m = art.meta
     case = Case("test-tiny", 0, batch=3, length=16)
     ckpt = case.checkpoint()
@@ -138,7 +138,7 @@ def test_compare_passes_and_writes_the_report(recorded, tmp_path, capsys):
 def test_report_without_matplotlib_says_how_to_get_the_png(recorded, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.delitem(sys.modules, "gptspec.conformance.heatmap", raising=False)
-    result = artifacts.compare([_one(recorded)])
+    result = crossmachine.compare([_one(recorded)])
     written, note = write_artifact_report(result, tmp_path)
     assert [p.name for p in written] == ["report.md"] and not list(tmp_path.glob("*.png"))
     assert "pip install 'gptspec[plot]'" in note
@@ -148,11 +148,11 @@ def test_report_without_matplotlib_says_how_to_get_the_png(recorded, tmp_path, m
 
 def test_a_tampered_gradient_is_flagged(recorded, tmp_path, capsys):
     src = _one(recorded)
-    grad = artifacts.read(src).run.grads["h.0.mlp.c_fc.weight"]
+    grad = artifact_file.read(src).run.grads["h.0.mlp.c_fc.weight"]
     tampered = _rewrite(src, tmp_path / "tampered.safetensors",
                         {"grads/h.0.mlp.c_fc.weight": grad * np.float32(1 + 1e-3)})
     others = [p for p in recorded.glob("test-tiny_seed0_*-float32.safetensors") if p != src]
-    result = artifacts.compare([tampered, *others])
+    result = crossmachine.compare([tampered, *others])
     failed = {(o.subject, c.tensor) for o in result.outcomes for c in o.failures}
     assert not result.ok and {t for _, t in failed} == {"h.0.mlp.c_fc.weight"}
     assert any(s.endswith("vs reference") for s, _ in failed)
@@ -164,7 +164,7 @@ def test_a_tampered_gradient_is_flagged(recorded, tmp_path, capsys):
     assert "Result: **FAIL**" in md
     assert "**FAIL**" in next(line for line in md.splitlines() if line.startswith("| h.0.mlp.c_fc.weight |"))
     # and the --artifacts workflow: against the reference and this machine's backend, both flag it
-    outcomes = artifacts.compare_with_local(artifacts.read(tampered), [backends.get(LOCAL[0])])
+    outcomes = crossmachine.compare_with_local(artifact_file.read(tampered), [backends.get(LOCAL[0])])
     assert [sorted({c.tensor for c in o.failures}) for o in outcomes] == [["h.0.mlp.c_fc.weight"]] * 2
 
 
@@ -177,7 +177,7 @@ def test_a_tampered_gradient_is_flagged(recorded, tmp_path, capsys):
 ])
 def test_artifacts_that_cannot_be_compared_are_refused(recorded, tmp_path, change, message, capsys):
     a = _one(recorded)
-    art = artifacts.read(a)
+    art = artifact_file.read(a)
     if change == "tokens":
         tokens = art.tokens.copy()
         tokens[0, 0] = (tokens[0, 0] + 1) % 256
@@ -191,7 +191,7 @@ def test_artifacts_that_cannot_be_compared_are_refused(recorded, tmp_path, chang
         value = {"fingerprint": "sha256:" + "0" * 64, "spec_version": "2"}[change]
         b = _rewrite(a, tmp_path / "b.safetensors", **{change: value})
     with pytest.raises(ArtifactError) as e:
-        artifacts.compare([a, b])
+        crossmachine.compare([a, b])
     assert message in str(e.value) and str(a) in str(e.value) and str(b) in str(e.value)
     assert "refusing to compare" in str(e.value)
     assert cli.main(["conformance", "compare", str(a), str(b)]) == 2
@@ -201,14 +201,14 @@ def test_artifacts_that_cannot_be_compared_are_refused(recorded, tmp_path, chang
 def test_an_artifact_of_another_spec_version_is_refused(recorded, tmp_path):
     b = _rewrite(_one(recorded), tmp_path / "b.safetensors", spec_version="2")
     with pytest.raises(ArtifactError, match="written for spec version 2, this gptspec implements 1"):
-        artifacts.compare([b])
+        crossmachine.compare([b])
 
 
 def test_a_file_that_is_not_an_artifact_is_refused(tmp_path):
     spec = Case("test-tiny").spec
     save(tmp_path / "w.safetensors", spec, Case("test-tiny").checkpoint().params)
     with pytest.raises(ArtifactError, match="not a gptspec conformance artifact"):
-        artifacts.read(tmp_path / "w.safetensors")
+        artifact_file.read(tmp_path / "w.safetensors")
     assert cli.main(["conformance", "compare", str(tmp_path / "missing.safetensors")]) == 2
 
 
@@ -221,10 +221,10 @@ def test_writes_are_atomic(recorded, tmp_path, monkeypatch):
         Path(path).write_bytes(data[: len(data) // 2])  # half of it on disk, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts, "save_file", killed_midway)
+    monkeypatch.setattr(artifact_file, "save_file", killed_midway)
     chosen = [backends.get(LOCAL[0])]
     with pytest.raises(KeyboardInterrupt):
-        artifacts.record(chosen, [Case("test-tiny", 0, batch=3, length=16)], ["float32"], tmp_path / "out")
+        crossmachine.record(chosen, [Case("test-tiny", 0, batch=3, length=16)], ["float32"], tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no artifact, no temporary file
     # a failed overwrite leaves the previous artifact as it was
     target = shutil.copy(_one(recorded), tmp_path / "kept.safetensors")
@@ -247,22 +247,22 @@ def test_the_reference_runs_on_the_artifacts_inputs(tmp_path):
     """Inputs other than the case's own (another tokenizer, another input generator) still compare
     like with like: the reference is recomputed on the artifact's tokens and targets."""
     case = Case("test-tiny", 0, batch=3, length=16)
-    inputs = artifacts.inputs_of(case)
+    inputs = crossmachine.inputs_of(case)
     rng = np.random.default_rng(123)
     tokens = rng.integers(0, inputs.spec.vocab_size, inputs.tokens.shape, dtype=np.int64)
     other = runner.Reference(inputs.spec, tokens, inputs.targets, inputs.params, None, None, None, True)
     run = runner.backend_run(backends.get(LOCAL[0]), other, "float32", None)
-    meta = artifacts.read(_record_one(case, tmp_path)).meta  # the case's own inputs
-    path = artifacts.write(tmp_path / "x.safetensors", artifacts.tensors_of(run, tokens, inputs.targets), meta)
-    result = artifacts.compare([path])
+    meta = artifact_file.read(_record_one(case, tmp_path)).meta  # the case's own inputs
+    path = artifact_file.write(tmp_path / "x.safetensors", artifact_file.tensors_of(run, tokens, inputs.targets), meta)
+    result = crossmachine.compare([path])
     assert result.ok and result.outcomes[0].status == "ran", failure_text(result.outcomes)
-    ref = artifacts.reference_for(case, "float32", tokens, inputs.targets)
+    ref = crossmachine.reference_for(case, "float32", tokens, inputs.targets)
     rounded = {n: round_to_dtype(a, "float32").astype(np.float64) for n, a in inputs.params.items()}
     assert ref.loss == reference.loss_and_grads(inputs.spec, rounded, tokens, inputs.targets).loss
 
 
 def _record_one(case: Case, where: Path, weights_name=None, backend=None) -> Path:
-    (res,) = artifacts.record([backends.get(backend or LOCAL[0])], [case], ["float32"], where / "rec",
+    (res,) = crossmachine.record([backends.get(backend or LOCAL[0])], [case], ["float32"], where / "rec",
                               weights_name=weights_name)
     assert res.status == "written", res.message
     return res.path
@@ -289,7 +289,7 @@ def test_real_weights_are_fingerprinted_and_found_by_name(real_weights, monkeypa
     save(first / "tinyreal.safetensors", spec, params, synthetic=False, origin="a test")
     case = Case("test-tiny", 0, batch=2, length=8, weights=str(first / "tinyreal.safetensors"))
     paths = [_record_one(case, real_weights, "tinyreal", b) for b in LOCAL]
-    meta = artifacts.read(paths[0]).meta
+    meta = artifact_file.read(paths[0]).meta
     assert meta["synthetic"] == "false" and meta["case"] == "test-tiny/weights=tinyreal/B2xT8"
     assert meta["fingerprint"] == fingerprint(spec, params)
     assert meta["weights_path"] == str(first / "tinyreal.safetensors")
@@ -299,14 +299,14 @@ def test_real_weights_are_fingerprinted_and_found_by_name(real_weights, monkeypa
     moved.mkdir()
     (first / "tinyreal.safetensors").rename(moved / "tinyreal.safetensors")
     monkeypatch.setenv("GPTSPEC_WEIGHTS", str(moved))
-    result = artifacts.compare(paths)
+    result = crossmachine.compare(paths)
     assert result.ok and not result.notes and all(o.status == "ran" for o in result.outcomes)
     assert sum(o.subject.endswith("vs reference") for o in result.outcomes) == len(paths)
 
     # not found anywhere: the artifacts are still compared with one another, and the skip is said
     monkeypatch.delenv("GPTSPEC_WEIGHTS")
     cached_checkpoint.cache_clear()
-    result = artifacts.compare(paths)
+    result = crossmachine.compare(paths)
     (note,) = result.notes
     assert "reference comparison skipped" in note and "tinyreal" in note and "--weights" in note
     assert [o.status for o in result.outcomes if "vs reference" in o.subject or "~" not in o.subject] == \
@@ -324,7 +324,7 @@ def test_real_weights_are_fingerprinted_and_found_by_name(real_weights, monkeypa
     save(moved / "tinyreal.safetensors", spec, Case("test-tiny", seed=6).checkpoint().params, synthetic=False)
     monkeypatch.setenv("GPTSPEC_WEIGHTS", str(moved))
     cached_checkpoint.cache_clear()
-    (note,) = artifacts.compare(paths).notes
+    (note,) = crossmachine.compare(paths).notes
     assert "different weights here" in note
 
 
@@ -342,7 +342,8 @@ def test_the_suite_options_work_before_and_after_the_action():
 
 
 def test_importing_gptspec_imports_no_plotting_library():
-    code = ("import sys, gptspec, gptspec.conformance, gptspec.conformance.artifacts, gptspec.conformance.report;"
+    code = ("import sys, gptspec, gptspec.conformance, gptspec.conformance.artifact_file, "
+            "gptspec.conformance.crossmachine, gptspec.conformance.report;"
             "print(sorted(m for m in ('matplotlib', 'torch', 'mlx', 'tinygrad') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -353,16 +354,16 @@ def test_importing_gptspec_imports_no_plotting_library():
 def test_early_exit_artifacts_carry_their_draws_and_stats(tmp_path):
     """SPEC.md 18.3-18.4: the draws are an input like the tokens, and the residual statistics an output."""
     case = Case("test-mini", 0, batch=2, length=48, variant="early-exit")
-    (res,) = artifacts.record([backends.get(LOCAL[0])], [case], ["float32"], tmp_path / "rec")
+    (res,) = crossmachine.record([backends.get(LOCAL[0])], [case], ["float32"], tmp_path / "rec")
     assert res.status == "written", res.message
-    art = artifacts.read(res.path)
+    art = artifact_file.read(res.path)
     assert art.draws is not None and art.draws.shape == (2, 2, 48)
     assert set(art.run.stats) == {"input", "mid", "output", "normed"}
-    result = artifacts.compare([res.path])
+    result = crossmachine.compare([res.path])
     assert result.ok, failure_text(result.outcomes)
     quantities = {c.quantity for o in result.outcomes for c in o.checks}
     assert {"exit_loss", "exit_grads", "stats"} <= quantities
     # other draws are other inputs: the two artifacts cannot be compared with one another
     moved = _rewrite(res.path, tmp_path / "moved.safetensors", {"draws": np.zeros_like(art.draws)})
     with pytest.raises(ArtifactError, match="different inputs"):
-        artifacts.compare([res.path, moved])
+        crossmachine.compare([res.path, moved])

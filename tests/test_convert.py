@@ -474,12 +474,17 @@ def test_writers_refuse_what_the_format_cannot_hold(tmp_path, params):
 
 # -- the command -----------------------------------------------------------------------------
 def test_convert_infers_the_format_from_dest(tmp_path):
-    from gptspec.cli import convert_format
+    from gptspec.weights.resolve import CONVERT_FORMATS, format_of_destination
 
-    assert [convert_format(d) for d in ("m.safetensors", "ckpt.pt", "gpt2_124M.bin", str(tmp_path), "out/")] == [
-        "canonical", "nanogpt", "llmc", "hf", "hf"]
-    with pytest.raises(WeightsError, match="give --to"):
-        convert_format("model.onnx")
+    dests = ("m.safetensors", "ckpt.pt", "ckpt.pth", "model.ckpt", "gpt2_124M.bin", str(tmp_path), "out/", "out")
+    assert [format_of_destination(d) for d in dests] == [
+        "canonical", "nanogpt", "nanogpt", "nanogpt", "llmc", "hf", "hf", "hf"]
+    (tmp_path / "dir.bin").mkdir()  # an existing directory is Hugging Face whatever its name says
+    assert format_of_destination(str(tmp_path / "dir.bin")) == "hf"
+    assert set(CONVERT_FORMATS) == {"canonical", "hf", "nanogpt", "llmc"}
+    with pytest.raises(WeightsError, match=r"model\.onnx: cannot tell the output format from its name .* "
+                                           r"give --to \{canonical,hf,nanogpt,llmc\}"):
+        format_of_destination("model.onnx")
 
 
 def test_convert_command_chain(tmp_path):

@@ -141,3 +141,22 @@ def test_steps_stream_one_token_per_row_per_position():
 def test_bad_prompts_are_refused(prompts, why):
     with pytest.raises(InputError, match=why):
         generate(ReferenceBackend(), None, SPEC, prompts, 3)
+
+
+# -- judging a backend's greedy continuation with one reference run (conformance/generation.py) --
+def test_one_run_along_the_backend_path_finds_the_first_difference_with_the_reference_path():
+    """judge_against_reference_greedy (one reference run, along the backend's path) against the two-path
+    judgement with the reference's own greedy continuation, rerun naively here."""
+    from gptspec.conformance.generation import judge_against_reference, judge_against_reference_greedy
+
+    prompt = [1, 2, 3]
+    want = naive_greedy(prompt, 8)
+    assert judge_against_reference_greedy(SPEC, PARAMS, prompt, want, "float32").same
+    for j in (0, 5):
+        other = next(t for t in range(SPEC.vocab_size) if t != want[j])
+        got = want[:j] + [other] + want[j + 1:]
+        one_run = judge_against_reference_greedy(SPEC, PARAMS, prompt, got, "float32")
+        two_paths = judge_against_reference(SPEC, PARAMS, prompt, want, got, "float32")
+        assert not one_run.ok and not two_paths.ok
+        assert one_run.step == two_paths.step == j and one_run.tokens == (other, want[j]) == two_paths.tokens[::-1]
+        assert abs(one_run.gap + two_paths.gap) < 1e-12  # the same row of reference logits, the sides swapped

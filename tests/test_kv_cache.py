@@ -24,11 +24,10 @@ from gptspec.spec import BackendError, InputError, ModelSpec, reference
 from gptspec.spec.sampling import Sampling
 from gptspec.spec.tolerance import METRICS, bound
 from gptspec.spec.variants import VARIANTS
-
-# a variant that changes only the loss (SPEC.md 18) has GPT-2's forward: generation is GPT-2's
-FORWARD_VARIANTS = [name for name, v in VARIANTS.items() if set(v.changes) != {"loss"}]
 from gptspec.weights import round_to_dtype
 from gptspec.weights.synthetic import synthetic_params
+
+from helpers import FORWARD_VARIANTS, selected_backends  # a loss-only variant generates as GPT-2 does
 
 MINI = ModelSpec.preset("test-mini")  # n_positions 64
 SPLITS = (17, 1, 1, 1, 1, 1, 9, 1, 8)  # a prefill, single tokens, chunks: 40 positions
@@ -56,20 +55,8 @@ def generation_support(name: str) -> str | None:
     return None
 
 
-def generating_backends(config) -> list[str]:
-    chosen = config.getoption("--backend") or backends.available()
-    return [n for n in chosen if n in backends.available()]
-
-
-def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
-        names = generating_backends(metafunc.config)
-        metafunc.parametrize("backend", names or [pytest.param(None, marks=pytest.mark.skip(
-            reason="no backend is installed"))], indirect=True)
-
-
 @pytest.fixture
-def backend(request):
+def backend(request):  # parametrized over the selected backends by tests/conftest.py
     why = generation_support(request.param)
     if why:
         pytest.skip(why)
@@ -136,12 +123,34 @@ def test_last_only_gives_the_last_position(backend, variant):
     assert_within(last[:, 0], reference.forward(spec, params, tokens)[:, -1], "float32", "last_only")
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "ngpt"])
+def test_two_caches_extended_in_turns_stay_apart(backend, variant):
+    """Two caches of one batch size, extended in turns: neither sees the other's keys (a cache kept
+    in the model, or captured by a compiled step, would be shared)."""
+    spec, params = weights(variant)
+    model = backend.build(spec, params, "float32")
+    a, b = (np.random.default_rng(s).integers(0, spec.vocab_size, (3, 12)) for s in (8, 9))
+    (la, ca), (lb, cb) = backend.extend(model, a[:, :6], None), backend.extend(model, b[:, :6], None)
+    got_a, got_b = [la], [lb]
+    for i in range(6, 12):
+        la, ca = backend.extend(model, a[:, i:i + 1], ca)
+        lb, cb = backend.extend(model, b[:, i:i + 1], cb)
+        got_a.append(la)
+        got_b.append(lb)
+    assert_within(np.concatenate(got_a, 1), reference.forward(spec, params, a), "float32", "cache a")
+    assert_within(np.concatenate(got_b, 1), reference.forward(spec, params, b), "float32", "cache b")
+
+
 def test_the_cache_cannot_pass_the_context(backend):
     spec, params = weights("gpt2")
     model = backend.build(spec, params, "float32")
     _, cache = backend.extend(model, np.ones((1, spec.n_positions - 2), np.int64), None)
-    with pytest.raises(InputError, match="n_positions"):
+    with pytest.raises(InputError, match=f"3 tokens after the {spec.n_positions - 2} in the cache pass the "
+                                         f"context length n_positions={spec.n_positions}"):
         backend.extend(model, np.ones((1, 3), np.int64), cache)
+    _, cache = backend.extend(model, np.ones((1, 2), np.int64), cache)  # refused, not half-written: exactly full
+    with pytest.raises(InputError, match="n_positions"):
+        backend.extend(model, np.ones((1, 1), np.int64), cache)
 
 
 # -- greedy generation ---------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def test_greedy_generation_equals_the_reference(backend, variant):
 
 @pytest.mark.parametrize("variant", FORWARD_VARIANTS)
 def test_backends_agree_on_greedy_continuations(variant, request):
-    names = [n for n in generating_backends(request.config) if not generation_support(n)]
+    names = [n for n in selected_backends(request.config) if not generation_support(n)]
     if len(names) < 2:
         pytest.skip(f"needs two backends that generate; here: {', '.join(names) or 'none'}")
     spec, params = generation_weights(variant)

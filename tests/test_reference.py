@@ -4,10 +4,11 @@ properties the spec states (causality, the ignore index, the tied head)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gptspec.spec import IGNORE_INDEX, InputError, ModelSpec, param_table, reference
@@ -15,11 +16,8 @@ from gptspec.spec.variants import VARIANTS
 from gptspec.conformance.cases import exit_draws
 from gptspec.spec.reference import gpt2 as ref_gpt2
 from gptspec.spec.reference.ops import cross_entropy_forward
-from gptspec.weights import synthetic_params
 
-
-def _params(spec, seed):
-    return {k: v.astype(np.float64) for k, v in synthetic_params(spec, seed, "conformance").items()}
+from helpers import params64
 
 
 # The stop-gradient of all-layer-loss-local makes its gradient that of a surrogate, not of the loss:
@@ -27,41 +25,97 @@ def _params(spec, seed):
 _FD_VARIANTS = [name for name, v in VARIANTS.items() if v.changes.get("loss") != "all_layers_local"]
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A small model and a batch, drawn independently of the variant (so that pytest, not hypothesis,
+    chooses the variant, and --variant can select it): ids above the vocabulary wrap around it, -1 is
+    the ignore index, and a RoPE variant rounds an odd head_dim up to the even one it needs."""
+    n_head: int
+    head_dim: int
+    vocab_size: int
+    n_positions: int
+    n_layer: int
+    norm_eps: float
+    tokens: tuple[tuple[int, ...], ...]
+    targets: tuple[tuple[int, ...], ...]
+    seed: int
+
+    def spec(self, variant: str) -> ModelSpec:
+        v = VARIANTS[variant]
+        head_dim = self.head_dim + self.head_dim % 2 if v.changes.get("positions") == "rope" else self.head_dim
+        return v.apply(ModelSpec(vocab_size=self.vocab_size, n_positions=self.n_positions,
+                                 n_embd=self.n_head * head_dim, n_head=self.n_head, n_layer=self.n_layer,
+                                 norm_eps=self.norm_eps))
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens, targets = np.array(self.tokens) % self.vocab_size, np.array(self.targets)
+        return tokens, np.where(targets < 0, IGNORE_INDEX, targets % self.vocab_size)
+
+
 @st.composite
 def problems(draw):
-    variant = VARIANTS[draw(st.sampled_from(_FD_VARIANTS))]
-    n_head = draw(st.integers(1, 3))
-    head_dim = draw(st.sampled_from([2, 4]) if variant.changes.get("positions") == "rope" else st.integers(1, 4))
-    spec = variant.apply(ModelSpec(
-        vocab_size=draw(st.integers(2, 13)), n_positions=draw(st.integers(1, 6)),
-        n_embd=n_head * head_dim, n_head=n_head, n_layer=draw(st.integers(1, 2)),
-        norm_eps=draw(st.sampled_from([1e-5, 1e-2])),
-    ))
-    B, T = draw(st.integers(1, 2)), draw(st.integers(1, spec.n_positions))
-    ids = st.integers(0, spec.vocab_size - 1)
-    tokens = np.array(draw(st.lists(ids, min_size=B * T, max_size=B * T))).reshape(B, T)
-    targets = np.array(draw(st.lists(st.one_of(ids, st.just(IGNORE_INDEX)), min_size=B * T, max_size=B * T)))
-    targets[draw(st.integers(0, B * T - 1))] = draw(ids)  # at least one counted target
-    return spec, tokens, targets.reshape(B, T), draw(st.integers(0, 2**16))
+    n_positions = draw(st.integers(1, 6))
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, n_positions))
+
+    def rows(ids):
+        return st.lists(st.lists(ids, min_size=T, max_size=T).map(tuple), min_size=B, max_size=B).map(tuple)
+
+    tokens = draw(rows(st.integers(0, 12)))
+    targets = [list(row) for row in draw(rows(st.integers(-1, 12)))]
+    counted = draw(st.integers(0, B * T - 1))  # at least one counted target
+    targets[counted // T][counted % T] = draw(st.integers(0, 12))
+    return Problem(n_head=draw(st.integers(1, 3)), head_dim=draw(st.integers(1, 4)),
+                   vocab_size=draw(st.integers(2, 13)), n_positions=n_positions, n_layer=draw(st.integers(1, 2)),
+                   norm_eps=draw(st.sampled_from([1e-5, 1e-2])), tokens=tokens,
+                   targets=tuple(map(tuple, targets)), seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_backward_matches_central_finite_differences(problem):
-    spec, tokens, targets, seed = problem
-    p = _params(spec, seed)
-    draws = exit_draws(spec, p, tokens, seed)  # loss="early_exit" only; kept away from every exit boundary
+def directional_derivative(f, h: float = 1e-5) -> float:
+    """f'(0) from central differences at h and h/2, combined by Richardson extrapolation so that their
+    h^2 f'''/6 error terms cancel, leaving O(h^4 f^(5)).
+
+    The plain central difference is not accurate enough where the loss curves sharply: a LayerNorm
+    over two features maps the half-difference d of its inputs to +-d / sqrt(d^2 + eps), a step of
+    width sqrt(eps) = 3e-3 at eps = 1e-5 whose third derivative grows as eps^-1.5, so h^2 f'''/6 at
+    h = 1e-5 reached 1e-4..1e-2 relative near the step (issue 11: layernorm-noaffine, seed002-axm)."""
+    def central(step):
+        return (f(step) - f(-step)) / (2 * step)
+
+    return (4 * central(h / 2) - central(h)) / 3
+
+
+# Found failing with the plain central difference at n_embd = 2, eps = 1e-5 (up to 950x the tolerance);
+# pinned, so that every run replays them, in every variant.
+STEEP_LAYERNORM = [
+    Problem(n_head=2, head_dim=1, vocab_size=3, n_positions=3, n_layer=2, norm_eps=1e-5,
+            tokens=((2, 2, 0),), targets=((1, 0, 0),), seed=53648),      # failed in layernorm-noaffine
+    Problem(n_head=2, head_dim=1, vocab_size=6, n_positions=2, n_layer=1, norm_eps=1e-5,
+            tokens=((4,), (0,)), targets=((5,), (0,)), seed=49387),      # failed in layernorm-noaffine
+    Problem(n_head=2, head_dim=1, vocab_size=7, n_positions=6, n_layer=2, norm_eps=1e-5,
+            tokens=((0, 3, 4, 3, 2, 3),), targets=((3, 0, 1, 0, 4, 3),), seed=8245),  # failed in seed002-axm
+]
+
+
+@pytest.mark.parametrize("variant", _FD_VARIANTS)
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+@example(problem=STEEP_LAYERNORM[0])
+@example(problem=STEEP_LAYERNORM[1])
+@example(problem=STEEP_LAYERNORM[2])
+def test_backward_matches_finite_differences(variant, problem):
+    spec, (tokens, targets) = problem.spec(variant), problem.batch()
+    p = params64(spec, problem.seed)
+    draws = exit_draws(spec, p, tokens, problem.seed)  # loss="early_exit" only; kept away from every exit boundary
     grads = reference.loss_and_grads(spec, p, tokens, targets, draws).grads
-    rng = np.random.default_rng(seed)
-    h = 1e-5
+    rng = np.random.default_rng(problem.seed)
     for name, value in p.items():
-        # a random direction per tensor covers every element: <grad, d> = (L(p+hd) - L(p-hd)) / 2h
+        # a random direction per tensor covers every element: <grad, d> = d/dt L(p + t d) at t = 0
         d = rng.standard_normal(value.shape)
-        plus, minus = dict(p), dict(p)
-        plus[name], minus[name] = value + h * d, value - h * d
-        fd = (reference.loss(spec, plus, tokens, targets, draws)
-              - reference.loss(spec, minus, tokens, targets, draws)) / (2 * h)
-        analytic = float((grads[name] * d).sum())
+
+        def along(t):
+            return reference.loss(spec, dict(p, **{name: value + t * d}), tokens, targets, draws)
+
+        fd, analytic = directional_derivative(along), float((grads[name] * d).sum())
         assert abs(fd - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, fd, analytic)
 
 
@@ -71,7 +125,7 @@ def test_stop_gradient_is_the_surrogates_gradient(blocks):
     sum_l CE(head(block_l(sg h_{l-1}))), whose h_{l-1} (l >= 2) are constants: finite differences of it."""
     spec = ModelSpec(vocab_size=11, n_positions=6, n_embd=8, n_head=2, n_layer=3, loss="all_layers_local",
                      blocks=blocks, norm_eps=1e-2)
-    p = _params(spec, 5)
+    p = params64(spec, 5)
     rng = np.random.default_rng(1)
     tokens, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     frozen, _, _ = ref_gpt2._stack_forward(spec, p, tokens)
@@ -101,7 +155,7 @@ def test_stop_gradient_is_the_surrogates_gradient(blocks):
 def test_single_coordinates_match_finite_differences():
     # element-wise, on the tensors whose indexing is easiest to get wrong
     spec = ModelSpec.preset("test-tiny")
-    p = _params(spec, 3)
+    p = params64(spec, 3)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, spec.vocab_size, (2, 7))
     targets = rng.integers(0, spec.vocab_size, (2, 7))
@@ -122,7 +176,7 @@ def test_single_coordinates_match_finite_differences():
 
 def test_logits_are_causal():
     spec = ModelSpec.preset("test-mini")
-    p = _params(spec, 0)
+    p = params64(spec, 0)
     tokens = np.random.default_rng(1).integers(0, spec.vocab_size, (1, 20))
     base = reference.forward(spec, p, tokens)
     changed = tokens.copy()
@@ -134,7 +188,7 @@ def test_logits_are_causal():
 
 def test_ignored_targets_do_not_count():
     spec = ModelSpec.preset("test-tiny")
-    p = _params(spec, 0)
+    p = params64(spec, 0)
     tokens = np.arange(8).reshape(1, 8)
     targets = np.arange(1, 9).reshape(1, 8)
     logits = reference.forward(spec, p, tokens)
@@ -147,7 +201,7 @@ def test_ignored_targets_do_not_count():
 
 def test_zero_embedding_gives_uniform_prediction():
     spec = ModelSpec.preset("test-tiny")
-    p = _params(spec, 0)
+    p = params64(spec, 0)
     p["wte.weight"][:] = 0.0  # the tied head then scores every token 0
     tokens = np.zeros((2, 5), dtype=np.int64)
     loss = reference.loss(spec, p, tokens, tokens)
@@ -165,7 +219,7 @@ def test_zero_embedding_gives_uniform_prediction():
 ])
 def test_bad_inputs_are_named(tokens, targets, message):
     spec = ModelSpec.preset("test-tiny")
-    p = _params(spec, 0)
+    p = params64(spec, 0)
     with pytest.raises(InputError, match=message):
         if targets is None:
             reference.forward(spec, p, tokens)
@@ -182,7 +236,7 @@ def test_matches_hugging_face_transformers_in_float64(tmp_path):
     spec = ModelSpec.preset("test-mini")
     write_synthetic(tmp_path, spec, seed=4, init="conformance")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).double().eval()
-    p = _params(spec, 4)
+    p = params64(spec, 4)
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, spec.vocab_size, (2, 40))
     targets = rng.integers(0, spec.vocab_size, (2, 40))

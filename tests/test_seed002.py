@@ -14,11 +14,9 @@ from gptspec.cli import main
 from gptspec.spec import IGNORE_INDEX, InputError, ModelSpec, param_table, reference
 from gptspec.weights import save, synthetic_params, write_hf
 
+from helpers import params64 as params
+
 MINI = ModelSpec(vocab_size=23, n_positions=8, n_embd=12, n_head=3, n_layer=3)
-
-
-def params(spec, seed=0):
-    return {k: v.astype(np.float64) for k, v in synthetic_params(spec, seed, "conformance").items()}
 
 
 def inputs(spec, B=2, T=7, seed=0):
@@ -41,6 +39,7 @@ def ce(logits, targets):
     return -np.take_along_axis(logp, np.where(counted, targets, 0)[..., None], -1)[..., 0][counted].mean()
 
 
+@pytest.mark.variant("shared-blocks")
 def test_shared_block_is_independent_copies_with_summed_gradients():
     shared = MINI.replace(blocks="shared")
     p = params(shared)
@@ -58,7 +57,8 @@ def test_shared_block_is_independent_copies_with_summed_gradients():
     assert [i.name for i in param_table(shared) if i.name.startswith("h.1")] == []
 
 
-@pytest.mark.parametrize("loss", ["all_layers", "all_layers_local"])
+@pytest.mark.parametrize("loss", [pytest.param("all_layers", marks=pytest.mark.variant("all-layer-loss")),
+                                  pytest.param("all_layers_local", marks=pytest.mark.variant("all-layer-loss-local"))])
 def test_all_layer_loss_is_the_sum_of_the_truncated_models_losses(loss):
     spec = MINI.replace(loss=loss)
     p = params(spec)
@@ -69,6 +69,7 @@ def test_all_layer_loss_is_the_sum_of_the_truncated_models_losses(loss):
     np.testing.assert_array_equal(reference.forward(spec, p, tokens), reference.forward(MINI, p, tokens))
 
 
+@pytest.mark.variant("early-exit")
 def test_early_exit_loss_by_hand():
     spec = MINI.replace(n_layer=2, loss="early_exit")
     p = params(spec)
@@ -96,6 +97,7 @@ def test_early_exit_loss_by_hand():
     assert value == pytest.approx((xe1 * conf1)[counted].mean(), rel=1e-12)
 
 
+@pytest.mark.variant("early-exit")
 @pytest.mark.parametrize("draws, message", [
     (None, r"needs its draws u: an array of shape \(2, 2, 7\)"),
     (np.zeros((2, 2, 6)), r"draws must have shape \(n_layer, B, T\) = \(2, 2, 7\), got \(2, 2, 6\)"),
@@ -110,12 +112,14 @@ def test_bad_draws_are_named(draws, message):
         reference.loss_and_grads(spec, params(spec), tokens, targets, draws)
 
 
+@pytest.mark.variant("early-exit")
 def test_draws_for_a_loss_without_them_are_refused():
     tokens, targets = inputs(MINI)
     with pytest.raises(InputError, match="draws are an input of loss='early_exit' only"):
         reference.loss(MINI, params(MINI), tokens, targets, np.zeros((3, 2, 7)))
 
 
+@pytest.mark.variant("padded-vocab")
 def test_padding_is_a_layout_not_a_model_change():
     padded = MINI.replace(vocab_multiple=16)
     assert padded.padded_vocab_size == 32 and dict(param_table(padded)[0].__dict__)["shape"] == (32, 12)
@@ -133,6 +137,7 @@ def test_padding_is_a_layout_not_a_model_change():
             np.testing.assert_allclose(b.grads[name], a.grads[name], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.variant("padded-vocab")
 def test_padded_ids_are_not_inputs():
     padded = MINI.replace(vocab_multiple=16)
     with pytest.raises(InputError, match=r"outside the vocabulary \[0, 23\)"):
@@ -156,6 +161,7 @@ def test_residual_stats_are_hugging_faces_hidden_states(tmp_path):
     assert stats["normed"][-1] == pytest.approx(size[-1], rel=1e-6)
 
 
+@pytest.mark.variant("layernorm-noaffine")
 def test_parameter_free_layernorm_gives_the_seeds_1_000651():
     spec = ModelSpec(vocab_size=11, n_positions=4, n_embd=768, n_head=12, n_layer=1, norm="layernorm_noaffine")
     p = synthetic_params(spec, 0, "gpt2")
@@ -165,6 +171,7 @@ def test_parameter_free_layernorm_gives_the_seeds_1_000651():
     assert stats["mid"][0] != stats["input"][0] != stats["output"][0]
 
 
+@pytest.mark.variant("layernorm-noaffine")
 def test_stats_command_prints_every_layer(tmp_path, capsys):
     spec = MINI.replace(norm="layernorm_noaffine")
     save(tmp_path / "m.safetensors", spec, synthetic_params(spec, 0, "gpt2"), synthetic=True)

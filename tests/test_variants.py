@@ -1,4 +1,5 @@
-"""Variants I: softmax1 / softmax_c / learned sinks and nGPT, in the spec, the reference and torch."""
+"""Variants I: softmax1 / softmax_c / learned sinks and nGPT, in the spec and the reference (every backend's
+are tests/test_backend_contract.py's and the conformance suite's)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,12 @@ from gptspec.spec import ModelSpec, SpecError, WeightsError, param_table, refere
 from gptspec.spec.params import ngpt_scales
 from gptspec.spec.reference.ops import causal_attention_forward
 from gptspec.spec.variants import VARIANTS, get_variant, variant_name
+from gptspec.spec.tolerance import bound
 from gptspec.weights import load_checkpoint, save, synthetic_params, write_hf
 
+from helpers import params64 as _params, rel_l2
+
 MINI = ModelSpec.preset("test-mini")
-
-
-def _params(spec, seed=0, init="conformance"):
-    return {k: v.astype(np.float64) for k, v in synthetic_params(spec, seed, init).items()}
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -37,11 +37,11 @@ def test_variants_that_cannot_combine_are_refused(changes, message):
         ModelSpec(**changes)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_is_a_valid_spec_and_round_trips(name):
-    spec = get_variant(name).apply(MINI)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_is_a_valid_spec_and_round_trips(variant):
+    spec = get_variant(variant).apply(MINI)
     assert ModelSpec.from_json(spec.to_json()) == spec
-    assert variant_name(spec) == name
+    assert variant_name(spec) == variant
 
 
 def test_unknown_variant_lists_known_ones():
@@ -55,6 +55,7 @@ def _qkv(seed=0, B=2, H=3, T=7, D=4):
     return (rng.standard_normal((B, H, T, D)) * 2 for _ in range(3))
 
 
+@pytest.mark.variant("softmax1")
 def test_softmax1_equals_attention_over_an_extra_zero_key():
     # variants.md form (a): standard attention over T+1 keys with k* = 0 and v* = 0 visible to all
     q, k, v = _qkv()
@@ -67,6 +68,7 @@ def test_softmax1_equals_attention_over_an_extra_zero_key():
     np.testing.assert_allclose(y1, w[..., 1:] @ v, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.variant("softmax1")
 def test_softmax1_equals_softmax_times_sigmoid_of_lse():
     # variants.md form (b): y1 = y_softmax * sigmoid(LSE_i)
     q, k, v = _qkv(1)
@@ -78,6 +80,7 @@ def test_softmax1_equals_softmax_times_sigmoid_of_lse():
     np.testing.assert_allclose(y1, y / (1 + np.exp(-lse)), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.variant("softmax1")
 def test_sink_form_is_stable_for_very_negative_scores():
     # the naive max-subtraction overflows e^{-m} for m < -88 in float32 and -709 in float64
     q, k, v = _qkv(2)
@@ -85,6 +88,7 @@ def test_sink_form_is_stable_for_very_negative_scores():
     assert np.isfinite(y1).all() and (p.sum(-1) <= 1 + 1e-12).all()
 
 
+@pytest.mark.variant("learned_sinks", "softmax1")
 def test_learned_sinks_start_as_softmax1():
     spec = get_variant("learned_sinks").apply(MINI)
     p = _params(spec, 0, "gpt2")
@@ -95,6 +99,17 @@ def test_learned_sinks_start_as_softmax1():
         reference.forward(spec, p, tokens), reference.forward(get_variant("softmax1").apply(MINI), q, tokens))
 
 
+@pytest.mark.variant("softmax1", "softmax_c", "learned_sinks")
+def test_sink_variants_differ_from_softmax():
+    """The sinks change the model: a backend that silently dropped one would fail conformance."""
+    tokens = np.random.default_rng(1).integers(0, MINI.vocab_size, (3, 16))
+    softmax = reference.forward(MINI, _params(MINI), tokens)
+    for name in ("softmax1", "softmax_c", "learned_sinks"):
+        spec = get_variant(name).apply(MINI)
+        assert rel_l2(reference.forward(spec, _params(spec), tokens), softmax) > 10 * bound("float32", "logits", "rel_l2"), name
+
+
+@pytest.mark.variant("softmax_c")
 def test_tiny_c_approaches_the_standard_softmax():
     p = _params(MINI, 3)
     tokens = np.arange(30).reshape(1, 30)
@@ -106,6 +121,7 @@ def test_tiny_c_approaches_the_standard_softmax():
 NGPT = get_variant("ngpt").apply(MINI)
 
 
+@pytest.mark.variant("ngpt", "ngpt-seed")
 def test_ngpt_table():
     shapes = {p.name: (p.shape, p.unit_norm_axis) for p in param_table(NGPT)}
     C, V = 64, 257
@@ -119,6 +135,7 @@ def test_ngpt_table():
     assert seed["h.0.mlp.c_fc.weight"] == (4 * C, C) and seed["h.0.mlp.suv"] == (4 * C,)
 
 
+@pytest.mark.variant("ngpt", "ngpt-seed")
 def test_ngpt_scale_reparametrisation():
     d = 64
     s = ngpt_scales(NGPT)
@@ -134,6 +151,7 @@ def test_ngpt_scale_reparametrisation():
     assert np.allclose(np.linalg.norm(p["wte.weight"], axis=1), 1)
 
 
+@pytest.mark.variant("ngpt")
 def test_ngpt_logits_are_bounded_by_s_z():
     # the last hidden state and every row of E_out are unit vectors: |raw logit| <= 1
     p = _params(NGPT, 2)
@@ -142,6 +160,7 @@ def test_ngpt_logits_are_bounded_by_s_z():
     assert np.abs(logits / sz).max() <= 1 + 1e-12
 
 
+@pytest.mark.variant("ngpt")
 def test_normalize_weights_is_unit_norm_along_the_embedding_axis():
     rng = np.random.default_rng(0)
     p = {k: v * rng.uniform(0.5, 2, v.shape) for k, v in _params(NGPT).items()}
@@ -153,6 +172,7 @@ def test_normalize_weights_is_unit_norm_along_the_embedding_axis():
             np.testing.assert_allclose(np.linalg.norm(out[info.name], axis=info.unit_norm_axis), 1, rtol=1e-14)
 
 
+@pytest.mark.variant("ngpt-seed")
 def test_alpha_sign_matters_only_for_the_signed_variant():
     seed = get_variant("ngpt-seed").apply(MINI)
     p = _params(seed, 1)
@@ -164,12 +184,12 @@ def test_alpha_sign_matters_only_for_the_signed_variant():
 
 
 # -- files and backends ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["softmax1", "learned_sinks", "ngpt", "ngpt-seed"])
-def test_checkpoint_carries_its_variant(tmp_path, name):
-    spec = get_variant(name).apply(MINI)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_carries_its_variant(tmp_path, variant):
+    spec = get_variant(variant).apply(MINI)
     path = save(tmp_path / "m.safetensors", spec, synthetic_params(spec, 0), synthetic=True)
     ckpt = load_checkpoint(path)
-    assert ckpt.spec == spec and ckpt.metadata["variant"] == name
+    assert ckpt.spec == spec and ckpt.metadata["variant"] == variant
     assert json.loads(ckpt.metadata["model_spec"])["architecture"] == spec.architecture
 
 
@@ -177,33 +197,3 @@ def test_hugging_face_layout_refuses_variants(tmp_path):
     spec = get_variant("softmax1").apply(MINI)
     with pytest.raises(WeightsError, match="cannot hold attention='softmax1'"):
         write_hf(tmp_path / "hf", spec, synthetic_params(spec))
-
-
-def test_torch_load_rebuilds_the_variant(tmp_path):
-    torch = pytest.importorskip("torch")
-    from gptspec.backends import load
-    from gptspec.backends.torch import NGPT as TorchNGPT
-
-    spec = get_variant("ngpt").apply(MINI)
-    params = synthetic_params(spec, 0)
-    model = load("torch", save(tmp_path / "n.safetensors", spec, params))
-    assert isinstance(model, TorchNGPT) and set(model.state_dict()) == {p.name for p in param_table(spec)}
-    tokens = np.arange(30).reshape(1, 30)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(tokens)).numpy()
-    ref = reference.forward(spec, params, tokens)
-    assert np.linalg.norm(logits - ref) / np.linalg.norm(ref) < 1e-5
-
-
-def test_torch_normalize_is_in_place():
-    torch = pytest.importorskip("torch")
-    from gptspec.backends.torch import NGPT as TorchNGPT
-
-    model = TorchNGPT(NGPT)
-    w = model.h[0].attn.c_proj.weight
-    before = w.data_ptr()
-    with torch.no_grad():
-        w.mul_(3.0)
-    model.normalize_()
-    assert w.data_ptr() == before and model.h[0].attn.c_proj.weight is w  # optimizers keep their references
-    assert torch.allclose(w.norm(dim=0), torch.ones(64))

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..spec import SPEC_VERSION, ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
+from .atomic import atomic_write
 
 STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -104,7 +104,7 @@ def _encode(name: str, x: np.ndarray, dtype: str):
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], dtype: str, metadata: Mapping[str, str]
 ) -> Path:
-    """Write `tensors` in `dtype` to `path` atomically (temporary file, then rename)."""
+    """Write `tensors` in `dtype` to `path` atomically (weights/atomic.py)."""
     from safetensors import TensorSpec, serialize_file
 
     dtype = canonical_dtype(dtype)
@@ -115,15 +115,8 @@ def write_safetensors(
         name: TensorSpec(dtype=dtype, shape=list(buf.shape), data_ptr=buf.ctypes.data, data_len=buf.nbytes)
         for name, buf in encoded.items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        serialize_file(specs, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        serialize_file(specs, str(tmp), metadata=dict(metadata))
     return path
 
 

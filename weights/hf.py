@@ -16,6 +16,7 @@ import numpy as np
 
 from ..spec import ModelSpec, SpecError, WeightsError, param_table
 from ..spec.checks import check_shapes, check_state_shapes
+from .atomic import atomic_write
 from .format import Checkpoint, read_safetensors, write_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -204,11 +205,12 @@ def write_hf(
     }
     # transformers refuses safetensors files without format=pt
     metadata = {"format": "pt", "synthetic": "true" if synthetic else "false"}
-    write_safetensors(directory / "model.safetensors", tensors, dtype, metadata)
     config = config_from_spec(spec)
     if synthetic:
         config["gptspec_synthetic"] = True
-    tmp = directory / "config.json.partial"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / "config.json")
+    # config.json is renamed into place only once the weights are complete too, so a failed write
+    # leaves neither file changed (and the two renames follow each other at once)
+    with atomic_write(directory / "config.json") as config_tmp:
+        config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(directory / "model.safetensors", tensors, dtype, metadata)
     return directory

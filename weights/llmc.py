@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from ..spec import OPTIONS, ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
+from .atomic import atomic_write
 from .format import Checkpoint, _encode, from_bfloat16_bits
 
 MAGIC = 20240326
@@ -201,21 +201,12 @@ def read_llmc(path: str | os.PathLike, *, progress: Progress | None = None) -> C
 
 
 # -- writing ---------------------------------------------------------------------------
-def publish(tmp: str, path: Path) -> None:
-    """Rename a finished temporary file into place, with the permissions a plain open() would give
-    (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_llmc(
     path: str | os.PathLike, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
     *, synthetic: bool = False, progress: Progress | None = None,
 ) -> Path:
     """Write an llm.c checkpoint: version 3 (float32) or 5 (bfloat16), vocab padded with zero rows
-    to a multiple of 128. Atomic: a temporary file renamed into place."""
+    to a multiple of 128. Atomic (weights/atomic.py)."""
     dtype = canonical_dtype(dtype)
     if dtype not in ("float32", "bfloat16"):
         raise WeightsError(f"llm.c checkpoints hold float32 (version 3) or bfloat16 (version 5), not {dtype}")
@@ -248,21 +239,14 @@ def write_llmc(
                 yield f"h.{i}.{canonical}", params[f"h.{i}.{canonical}"]
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            done = 0
-            for name, _ in layout:
-                for tensor_name, x in pieces(name):
-                    buf = _encode(tensor_name, x, dtype)
-                    f.write(buf.tobytes())
-                    done += buf.nbytes
-                    if progress:
-                        progress(f"writing {path.name}", done, total)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        done = 0
+        for name, _ in layout:
+            for tensor_name, x in pieces(name):
+                buf = _encode(tensor_name, x, dtype)
+                f.write(buf.tobytes())
+                done += buf.nbytes
+                if progress:
+                    progress(f"writing {path.name}", done, total)
     return path

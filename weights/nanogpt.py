@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -45,8 +44,9 @@ import numpy as np
 
 from ..spec import ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
+from .atomic import atomic_write
 from .format import Checkpoint, _encode
-from .llmc import Progress, publish, require_plain_gpt2
+from .llmc import Progress, require_plain_gpt2
 
 PREFIX = "transformer."
 COMPILED_PREFIX = "_orig_mod."
@@ -271,14 +271,6 @@ def write_nanogpt(
                    "gptspec_vocab_size": spec.vocab_size, "gptspec_vocab_multiple": spec.vocab_multiple},
     }
     total = sum(t.numel() * t.element_size() for k, t in state.items() if k != "lm_head.weight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            f = _Counting(raw, f"writing {path.name}", total, progress) if progress else raw
-            torch.save(checkpoint, f)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as raw:
+        torch.save(checkpoint, _Counting(raw, f"writing {path.name}", total, progress) if progress else raw)
     return path

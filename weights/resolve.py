@@ -84,6 +84,26 @@ def sniff(path: Path) -> str:
     return "hf"
 
 
+CONVERT_FORMATS = ("canonical", "hf", "nanogpt", "llmc")
+_SUFFIX_FORMATS = {".safetensors": "canonical", ".pt": "nanogpt", ".pth": "nanogpt", ".ckpt": "nanogpt",
+                   ".bin": "llmc"}
+
+
+def format_of_destination(dest: str) -> str:
+    """The format a destination's name asks for (one of CONVERT_FORMATS): .safetensors canonical,
+    .pt/.pth/.ckpt nanoGPT, .bin llm.c, a directory (existing, ending in a separator, or without a
+    suffix) Hugging Face. The writing counterpart of `sniff`, which reads a file's first bytes."""
+    path = Path(dest)
+    if path.is_dir() or dest.endswith(("/", os.sep)) or not path.suffix:
+        return "hf"
+    if path.suffix in _SUFFIX_FORMATS:
+        return _SUFFIX_FORMATS[path.suffix]
+    raise WeightsError(
+        f"{dest}: cannot tell the output format from its name (.safetensors: canonical, .pt: nanoGPT, "
+        f".bin: llm.c, a directory: Hugging Face); name it so or give --to {{{','.join(CONVERT_FORMATS)}}}"
+    )
+
+
 def _header(path: Path):
     from safetensors import SafetensorError, safe_open
 

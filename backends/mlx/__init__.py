@@ -1,5 +1,5 @@
-"""The MLX backend: GPT-2 (model.py) and nGPT (ngpt.py) as mlx.nn.Modules, and the conformance
-adapter (backend.py).
+"""The MLX backend: GPT-2 (model.py) and nGPT (ngpt.py) as mlx.nn.Modules, attention and the KV cache
+(attention.py), the losses (losses.py), and the adapter (backend.py).
 
 Two process-wide settings must precede MLX's first use, so they happen here, on the backend's
 first import: an optimised BLAS on Linux (blas.py), and full-precision float32 matmuls, which
@@ -16,7 +16,8 @@ blas.ensure_loaded()
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 from .backend import MLXBackend  # noqa: E402  (mlx.core is imported from here on)
-from .model import GPT, cross_entropy  # noqa: E402
+from .losses import cross_entropy  # noqa: E402
+from .model import GPT  # noqa: E402
 from .ngpt import NGPT  # noqa: E402
 
 BACKEND = MLXBackend()

@@ -9,11 +9,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ...spec import OPTIONS, BackendError, ModelSpec, SpecError
-from ...spec.checks import check_draws_array, check_dtype, check_state_shapes
-from ..base import Backend, LossAndGrads
-from . import blas
-from .model import GPT, check_mx_targets
+from ...spec import BackendError, param_table
+from ...spec.reference.training import TrainState
+from ..base import Backend, LossAndGrads, StepStats
+from . import blas, train
+from .model import GPT
 from .ngpt import NGPT
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -70,7 +70,24 @@ def _require_ieee_float32(model: GPT | NGPT) -> None:
 class MLXBackend(Backend):
     name = "mlx"
     extra = "gptspec[mlx]"
-    implements = OPTIONS
+    models = {"gpt2": GPT, "ngpt": NGPT}
+    implements = {
+        "architecture": ("gpt2", "ngpt"),
+        "activation": ("gelu_tanh",),
+        "norm": ("layernorm", "layernorm_noaffine", "rmsnorm"),
+        "bias": ("on", "off"),
+        "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
+        "positions": ("learned", "rope", "none"),
+        "mlp": ("gelu", "swiglu"),
+        "ngpt_alpha": ("abs", "signed"),
+        "ngpt_scale": ("inv_sqrt_d", "inv_d"),
+        "blocks": ("independent", "shared"),
+        "block_form": ("sequential", "parallel", "multiplicative", "normed_residual", "escape_normed",
+                       "escape_residual"),
+        "attention_values": ("projected", "identity"),
+        "head_reduce": ("mean", "sum"),
+        "loss": ("final", "all_layers", "all_layers_local", "early_exit"),
+    }
 
     def version(self) -> str:
         return f"mlx {mx.__version__} ({blas.ensure_loaded()})"
@@ -84,60 +101,122 @@ class MLXBackend(Backend):
         resolve_device(device)
         return tuple(_DTYPES)
 
-    def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
-              device=None) -> GPT | NGPT:
-        self.check_supported(spec)
-        dev = resolve_device(device)
-        dtype = check_dtype(dtype, self.dtypes(_name(dev)), f"mlx on {_name(dev)}")
-        check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "weights for mlx")
-        model = (NGPT if spec.architecture == "ngpt" else GPT)(spec, dev)  # lazy: the init is only replaced
+    def _device(self, device) -> mx.Device:
+        return resolve_device(device)
+
+    def _device_name(self, dev: mx.Device) -> str:
+        return _name(dev)
+
+    def _new_model(self, spec, dev: mx.Device):
+        return self.model_class(spec)(spec, dev)  # lazy: the init is only replaced
+
+    def _parameter_names(self, model) -> list[str]:
+        return [n for n, _ in tree_flatten(model.parameters())]
+
+    def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev: mx.Device):
         # mx.array copies, so the model never aliases the caller's arrays (normalize() replaces its own).
         # astype rounds to nearest, ties to even, as SPEC.md section 7 asks (a test holds it to that).
         model.load_weights([(n, mx.array(np.asarray(a)).astype(_DTYPES[dtype])) for n, a in params.items()])
         mx.eval(model.parameters())
         return model.eval()
 
-    def normalize(self, model) -> None:
-        if isinstance(model, NGPT):  # GPT-2 has no unit-norm weights: nothing to do
-            model.normalize_()
-            mx.eval(model.parameters())
+    def _normalize(self, model) -> None:
+        model.normalize_()
+        mx.eval(model.parameters())
 
     def state(self, model) -> dict[str, np.ndarray]:
         return {n: _numpy(p) for n, p in tree_flatten(model.parameters())}
 
-    def forward(self, model, tokens: np.ndarray) -> np.ndarray:
+    def _forward(self, model, tokens: np.ndarray) -> np.ndarray:
         _require_ieee_float32(model)
         with mx.stream(model.device):
-            return _numpy(model(mx.array(np.asarray(tokens))))
+            return _numpy(model(mx.array(tokens)))
 
-    def extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
+    def _extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
         _require_ieee_float32(model)
         cache = model.make_cache() if cache is None else cache
         with mx.stream(model.device):
-            logits = model(mx.array(np.asarray(tokens)), cache=cache, last_only=last_only)
+            logits = model(mx.array(tokens), cache=cache, last_only=last_only)
             mx.eval(logits, [(c.keys, c.values) for c in cache])  # the cache too: no graph kept between steps
             return _numpy(logits), cache
 
-    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray,
-                       draws: np.ndarray | None = None) -> LossAndGrads:
+    def _loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray, draws) -> LossAndGrads:
         _require_ieee_float32(model)
-        check_draws_array(model.spec, np.shape(tokens), draws)
-        tokens, targets = mx.array(np.asarray(tokens)), mx.array(np.asarray(targets))
-        check_mx_targets(model.spec, tokens, targets)
-        draws = None if draws is None else mx.array(np.asarray(draws, np.float32))  # decisions only: float32 will do
+        tokens, targets = mx.array(tokens), mx.array(targets)
+        draws = None if draws is None else mx.array(draws.astype(np.float32))  # decisions only: float32 will do
         with mx.stream(model.device):
             (loss, logits), grads = nn.value_and_grad(model, model.loss_and_logits)(tokens, targets, draws)
             grads = tree_flatten(grads)
             mx.eval(loss, logits, grads)
             return LossAndGrads(loss.item(), _numpy(logits), {n: _numpy(g) for n, g in grads})
 
-    def residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        if not isinstance(model, GPT):  # as the reference has it
-            raise SpecError(f"residual_stats are defined for architecture='gpt2' (SPEC.md 18.4), "
-                            f"not {model.spec.architecture!r}")
-        stats = model.residual_stats(mx.array(np.asarray(tokens)))
+    def _residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        stats = model.residual_stats(mx.array(tokens))
         mx.eval(stats)
         return {name: np.array(a).astype(np.float64) for name, a in stats.items()}
+
+    # -- training (SPEC.md 20): train.py is the loop an MLX user writes; these hooks adapt it --------
+    def _optimizer(self, model, train_spec):
+        return train.configure_optimizer(model, train_spec)
+
+    def _train_step(self, model, optimizer, train_spec, it, micro_batches, draws) -> StepStats:
+        _require_ieee_float32(model)
+        return StepStats(*train.train_step(model, optimizer, train_spec, it, micro_batches, draws))
+
+    def _optimizer_state(self, model, optimizer) -> TrainState:
+        slots, step = _moment_slots(model, optimizer), _step_count(optimizer)
+        params = dict(tree_flatten(model.parameters()))
+        names = [info.name for info in param_table(model.spec)]
+        return TrainState(step, *({n: np.array(group[n], dtype=np.float64) for n in names}
+                                  for group in (params, {n: s["m"] for n, s in slots.items()},
+                                                {n: s["v"] for n, s in slots.items()})))
+
+    def _load_optimizer_state(self, model, optimizer, state: TrainState) -> None:
+        # MLX's state is a tree keyed like the parameters: replacing its arrays is loading it
+        for name, slot in _moment_slots(model, optimizer).items():
+            slot["m"] = mx.array(np.asarray(state.m[name], dtype=np.float32))
+            slot["v"] = mx.array(np.asarray(state.v[name], dtype=np.float32))
+        for group in _groups(optimizer):
+            group.state["step"] = mx.array(int(state.step), mx.uint64)
+        mx.eval(optimizer.state)
+
+
+def _groups(optimizer) -> list:
+    """The AdamW of each parameter group (a MultiOptimizer's parts, or the optimizer itself)."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def _moment_slots(model, optimizer) -> dict[str, dict]:
+    """canonical name -> the optimizer's {"m": ..., "v": ...} of that parameter, over every group.
+    MLX creates them at the first update unless init() ran: an optimizer without any gets them now
+    (zeros, step 0)."""
+    found = {}
+    for group in _groups(optimizer):
+        _collect_slots(group.state, "", found)
+    if not found:
+        optimizer.init(model.trainable_parameters())
+        return _moment_slots(model, optimizer)
+    missing = [info.name for info in param_table(model.spec) if info.name not in found]
+    if missing:
+        raise BackendError(f"the MLX optimizer holds no moments for {', '.join(missing)}: "
+                           "was it made for another model? (Backend.optimizer(model, train_spec))")
+    return found
+
+
+def _collect_slots(tree, prefix: str, found: dict) -> None:
+    if isinstance(tree, dict) and isinstance(tree.get("m"), mx.array) and isinstance(tree.get("v"), mx.array):
+        found[prefix] = tree
+        return
+    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, child in children:
+        _collect_slots(child, f"{prefix}.{key}" if prefix else str(key), found)
+
+
+def _step_count(optimizer) -> int:
+    steps = {int(group.state["step"].item()) for group in _groups(optimizer)}
+    if len(steps) != 1:
+        raise BackendError(f"the MLX optimizer's parameter groups disagree on the step count: {sorted(steps)}")
+    return steps.pop()
 
 
 def _numpy(a: mx.array) -> np.ndarray:

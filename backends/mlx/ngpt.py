@@ -14,10 +14,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ...spec import ModelSpec, param_table
 from ...spec.params import ngpt_scales
-from ...spec.reference.ops import rope_angles
-from .model import (
-    KVCache, _check_draws, _check_tokens, cache_offset, check_mx_targets, cross_entropy, init_from_spec,
-)
+from ...spec.rope import rope_angles
+from .attention import KVCache, cache_offset
+from .losses import cross_entropy
+from .model import check_draws, check_targets, check_tokens, init_from_spec
 
 
 def justnorm(x: mx.array) -> mx.array:
@@ -148,7 +148,7 @@ class NGPT(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
         """Logits (B, T, vocab_size) for (B, T) token ids; `cache` and `last_only` as GPT has them."""
-        _check_tokens(self.spec, tokens)
+        check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
         with mx.stream(self.device):
             h = self.wte(tokens)  # no position table: positions enter through RoPE, or not at all
@@ -163,13 +163,13 @@ class NGPT(nn.Module):
     def loss(self, tokens: mx.array, targets: mx.array, draws=None) -> mx.array:
         """The spec's loss of the logits for `tokens` against `targets` (float32, a scalar); nGPT's loss is
         "final", so `draws` must be None (they are loss="early_exit"'s, as GPT.loss has them)."""
-        check_mx_targets(self.spec, tokens, targets)
-        _check_draws(self.spec, tokens, draws)
-        return self.loss_and_logits(tokens, targets)[0]
+        return self.loss_and_logits(tokens, targets, draws)[0]
 
     def loss_and_logits(self, tokens: mx.array, targets: mx.array,
                         draws: mx.array | None = None) -> tuple[mx.array, mx.array]:
-        """loss() (its inputs unchecked) and the logits, from one forward."""
+        """loss() and the logits, from one forward."""
+        check_targets(tokens, targets)
+        check_draws(self.spec, tokens, draws)
         with mx.stream(self.device):
             logits = self(tokens)
             return cross_entropy(logits, targets), logits

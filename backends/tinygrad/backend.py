@@ -21,16 +21,17 @@ import weakref
 from typing import Mapping
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, UOp, dtypes, nn
+from tinygrad import Device, Tensor, TinyJit, UOp, nn
 from tinygrad.device import ALL_DEVICES
 from tinygrad.helpers import EMULATED_DTYPES
 
-from ...spec import DTYPES, OPTIONS, BackendError, ModelSpec
-from ...spec.checks import check_draws_array, check_dtype, check_state_shapes, check_targets_array, check_tokens_array
-from ...weights.format import to_bfloat16_bits
-from ..base import Backend, LossAndGrads
-from .model import GPT, KVCache, LanguageModel
+from ...spec import DTYPES, BackendError
+from ...spec.reference.training import TrainState
+from ..base import Backend, LossAndGrads, StepStats
+from .attention import KVCache
+from .model import GPT, LanguageModel, from_host
 from .ngpt import NGPT
+from .train import configure_optimizer, load_moments, optimizer_moments, train_step
 
 NO_CLANG = ("tinygrad's CPU device compiles its kernels with clang, which is not installed "
             "(Debian/Ubuntu: sudo apt-get install clang; macOS: xcode-select --install; or set CC to a clang)")
@@ -96,20 +97,6 @@ def ensure_bfloat16(dev: str) -> None:
         EMULATED_DTYPES.value = ",".join(emulated + ["bfloat16"])
 
 
-def model_class(spec: ModelSpec) -> type[LanguageModel]:
-    return NGPT if spec.architecture == "ngpt" else GPT
-
-
-def _param(a: np.ndarray, dtype: str, dev: str) -> Tensor:
-    # round on the host exactly as the reference does (nearest, ties to even); numpy has no bfloat16,
-    # so bf16 travels as its bit pattern. Always a fresh host array: Tensor(ndarray) wraps the array
-    # itself (tinygrad's NPY device) until realized, and the model must never alias the caller's
-    # arrays (which may be read-only; normalize_ writes into the model's own buffers only).
-    if dtype == "bfloat16":
-        return Tensor(to_bfloat16_bits(a), device=dev).bitcast(dtypes.bfloat16)
-    return Tensor(np.array(a, dtype=dtype, order="C"), device=dev)
-
-
 # TinyJits per model and input shape. Kept beside the model, not on it: nn.state.get_state_dict would
 # find the captured Tensors; weak, so that a model's jits (and their buffers) die with it.
 _jits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -148,7 +135,24 @@ def jit(model: LanguageModel, fn, *shapes) -> TinyJit:
 class TinygradBackend(Backend):
     name = "tinygrad"
     extra = "gptspec[tinygrad]"
-    implements = OPTIONS
+    models = {"gpt2": GPT, "ngpt": NGPT}
+    implements = {
+        "architecture": ("gpt2", "ngpt"),
+        "activation": ("gelu_tanh",),
+        "norm": ("layernorm", "layernorm_noaffine", "rmsnorm"),
+        "bias": ("on", "off"),
+        "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
+        "positions": ("learned", "rope", "none"),
+        "mlp": ("gelu", "swiglu"),
+        "ngpt_alpha": ("abs", "signed"),
+        "ngpt_scale": ("inv_sqrt_d", "inv_d"),
+        "blocks": ("independent", "shared"),
+        "block_form": ("sequential", "parallel", "multiplicative", "normed_residual", "escape_normed",
+                       "escape_residual"),
+        "attention_values": ("projected", "identity"),
+        "head_reduce": ("mean", "sum"),
+        "loss": ("final", "all_layers", "all_layers_local", "early_exit"),
+    }
 
     def version(self) -> str:
         return f"tinygrad {importlib.metadata.version('tinygrad')}"
@@ -169,23 +173,22 @@ class TinygradBackend(Backend):
         resolve_device(device)
         return DTYPES  # what a renderer lacks, tinygrad emulates (bf16 on CPU: see ensure_bfloat16)
 
-    def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
-              device=None) -> LanguageModel:
-        self.check_supported(spec)
-        dev = resolve_device(device)
-        dtype = check_dtype(dtype, self.dtypes(dev), f"tinygrad on {dev}")
-        check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "weights for tinygrad")
+    def _device(self, device) -> str:
+        return resolve_device(device)
+
+    def _parameter_names(self, model: LanguageModel) -> list[str]:
+        return list(nn.state.get_state_dict(model))  # its init is lazy, so listing it computes nothing
+
+    def _assign(self, model: LanguageModel, params: Mapping[str, np.ndarray], dtype: str, dev: str) -> LanguageModel:
         if dtype == "bfloat16":
             ensure_bfloat16(dev)
-        model = model_class(spec)(spec)  # its init is lazy and replaced below, so never computed
-        state = {n: _param(a, dtype, dev) for n, a in params.items()}
+        state = {n: from_host(a, dtype, dev) for n, a in params.items()}
         nn.state.load_state_dict(model, state, verbose=False, realize=False)
         Tensor.realize(*state.values())
         return model
 
-    def normalize(self, model: LanguageModel) -> None:
-        if isinstance(model, NGPT):  # the only architecture with unit-norm weights
-            model.normalize_()
+    def _normalize(self, model: LanguageModel) -> None:
+        model.normalize_()
 
     def state(self, model: LanguageModel) -> dict[str, np.ndarray]:
         return {n: t.float().numpy() for n, t in nn.state.get_state_dict(model).items()}
@@ -194,15 +197,11 @@ class TinygradBackend(Backend):
         # int32: ids and -100 fit, and it is every device's native int
         return Tensor(np.ascontiguousarray(array, dtype=np.int32), device=model.wte.weight.device)
 
-    def forward(self, model: LanguageModel, tokens: np.ndarray) -> np.ndarray:
-        check_tokens_array(model.spec, tokens)
-        tokens = np.asarray(tokens)
+    def _forward(self, model: LanguageModel, tokens: np.ndarray) -> np.ndarray:
         return jit(model, _logits, tokens.shape)(self._ids(model, tokens)).numpy()
 
-    def extend(self, model: LanguageModel, tokens: np.ndarray, cache: KVCache | None,
-               last_only: bool = False) -> tuple[np.ndarray, KVCache]:
-        check_tokens_array(model.spec, tokens)
-        tokens = np.asarray(tokens)
+    def _extend(self, model: LanguageModel, tokens: np.ndarray, cache: KVCache | None,
+                last_only: bool = False) -> tuple[np.ndarray, KVCache]:
         w = model.wte.weight
         cache = KVCache(model.spec, tokens.shape[0], w.dtype, w.device) if cache is None else cache
         n = cache.start(tokens.shape)  # checks the batch and the context (n + t <= n_positions)
@@ -216,12 +215,8 @@ class TinygradBackend(Backend):
         cache.offset = n + tokens.shape[1]
         return out, cache
 
-    def loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray,
-                       draws: np.ndarray | None = None) -> LossAndGrads:
-        tokens, targets = np.asarray(tokens), np.asarray(targets)
-        check_tokens_array(model.spec, tokens)
-        check_targets_array(model.spec, tokens.shape, targets)
-        check_draws_array(model.spec, tokens.shape, draws)
+    def _loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray,
+                        draws: np.ndarray | None) -> LossAndGrads:
         # float32 draws: the exit test u < p_max is taken in float32, and the inputs keep the margin of SPEC.md 18.3
         extra = () if draws is None else (Tensor(np.array(draws, dtype=np.float32), device=model.wte.weight.device),)
         fn = jit(model, _loss_and_grads, tokens.shape)
@@ -229,9 +224,26 @@ class TinygradBackend(Backend):
         names = nn.state.get_state_dict(model)
         return LossAndGrads(loss.item(), logits.numpy(), {n: g.numpy() for n, g in zip(names, grads)})
 
-    def residual_stats(self, model: LanguageModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        if not isinstance(model, GPT):
-            raise BackendError("the residual-stream statistics are defined for architecture='gpt2' only")
-        stats = model.residual_stats(self._ids(model, np.asarray(tokens)))
+    def _residual_stats(self, model: LanguageModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        stats = model.residual_stats(self._ids(model, tokens))
         Tensor.realize(*stats.values())  # one schedule: the forward once for all four
         return {name: t.numpy().astype(np.float64) for name, t in stats.items()}
+
+    # -- training (SPEC.md 20): train.py, tinygrad's own AdamW ---------------------------------------
+    def _optimizer(self, model: LanguageModel, train_spec) -> nn.optim.OptimizerGroup:
+        return configure_optimizer(model, train_spec)
+
+    def _load_optimizer_state(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup,
+                              state: TrainState) -> None:
+        load_moments(model, optimizer, int(state.step), state.m, state.v)
+
+    def _optimizer_state(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup) -> TrainState:
+        moments = optimizer_moments(model, optimizer)
+        wide = {n: a.astype(np.float64) for n, a in self.state(model).items()}
+        return TrainState(int(optimizer.steps_taken), wide,
+                          {n: m.numpy().astype(np.float64) for n, (m, _) in moments.items()},
+                          {n: v.numpy().astype(np.float64) for n, (_, v) in moments.items()})
+
+    def _train_step(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup, train_spec, it: int,
+                    micro_batches, draws) -> StepStats:
+        return StepStats(*train_step(model, optimizer, train_spec, it, micro_batches, draws))

@@ -22,86 +22,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from tinygrad import Tensor, UOp, dtypes, nn
 
-from ...spec import InputError, ModelSpec, param_table
-from ...spec.checks import check_cache_room, check_draws_array, check_targets_array, check_tokens_array
+from ...spec import ModelSpec, param_table
+from ...spec.checks import check_draws_layout, check_target_layout, check_token_layout
 from ...spec.params import init_law
+from ...weights.format import to_bfloat16_bits
+from .attention import KVCache, attention_weights, cached_keys_values, causal_attention
 from .losses import spec_loss
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: Tensor | None = None) -> Tensor:
-    """softmax(scale * q k^T, causal [, sink]) @ v for (B, H, T, D) queries and (B, H, L, D) keys and
-    values, in float32, returned in v's dtype."""
-    return (attention_weights(q, k, scale, sink) @ v.float()).cast(v.dtype)
-
-
-def attention_weights(q: Tensor, k: Tensor, scale: float, sink: Tensor | None = None) -> Tensor:
-    """softmax(scale * q k^T, causal [, sink]), float32 (B, H, T, L), for (B, H, T, D) queries and
-    (B, H, L, D) keys.
-
-    The T queries are the last T of the L positions (L > T with a KV cache): query i sees keys
-    0 .. L-T+i, the causal mask aligned bottom-right (L == T without a cache). A lone query is the
-    last position and sees every key, so it needs no mask: L may then be symbolic (a decoding step
-    replayed by TinyJit at any position).
-
-    Not Tensor.scaled_dot_product_attention: that casts the scores back to the input dtype before its
-    softmax (and has no sinks), while SPEC.md 7 wants the softmax, and the p @ v it feeds, in float32.
-    `sink` (H,) is a logit per head that joins every row with a zero value (SPEC.md 10), unscaled.
-    """
-    B, H, T, _ = q.shape
-    L = k.shape[2]
-    att = (q.float() @ k.float().transpose(-2, -1)) * scale
-    if T > 1:
-        att = Tensor.ones(T, L, dtype=dtypes.bool, device=q.device).tril(L - T).where(att, -math.inf)
-    if sink is None:
-        return att.softmax(-1)
-    # The sink as an extra column of the scores, dropped after the softmax (gpt-oss's form). Why this
-    # form: softmax subtracts the row max, which now includes the sink, so m = max(z, max_s S) is the
-    # stable form of SPEC.md 10 (e^{z-m} <= 1 never overflows, however low the scores); the weights and
-    # the sink's share come out of one float32 softmax by the reference's own formula; and the learned
-    # sinks' gradient is left to autograd. The sigmoid form y * sigmoid(LSE - z) needs the LSE as a second
-    # reduction and rescales y after p @ v. Scores, softmax and p @ v in float32, whatever the dtype
-    # (SPEC.md 7): the sink only moves each weight by its share p0 (~1e-3 for softmax_c's c = 1e-3), which
-    # probabilities rounded to bfloat16 (8 bits) would blur. The sink joins every query row, cached or not.
-    z = sink.float().reshape(1, H, 1, 1).expand(B, H, T, 1)
-    return att.cat(z, dim=-1).softmax(-1)[..., :L]
-
-
-class KVCache:
-    """Every layer's keys and values for generation (SPEC.md 12): one (2, B, H, n_positions, D) buffer
-    per layer, in the model's dtype, allocated whole as tinygrad's own gpt2 and llm examples do. A call
-    writes its keys and values at its positions and attends to the buffer's first n + t; the shapes of
-    a decoding step never change, so TinyJit can replay it with the position as a Variable.
-    `offset` is the number of positions held; `model(tokens, cache)` advances it."""
-
-    def __init__(self, spec: ModelSpec, batch: int, dtype=dtypes.float32, device: str | None = None):
-        self.n_positions, self.batch = spec.n_positions, batch
-        shape = (2, batch, spec.n_head, spec.n_positions, spec.head_dim)
-        # zeros, not empty: the buffer's tail is never read, but a debugger printing it should not meet NaNs
-        self.layers = [Tensor.zeros(*shape, dtype=dtype, device=device).contiguous() for _ in range(spec.n_layer)]
-        Tensor.realize(*self.layers)
-        self.offset = 0
-
-    def start(self, shape: tuple[int, ...]) -> int:
-        """The position of the first of (B, t) new tokens, checking that they fit this cache."""
-        B, t = shape
-        if B != self.batch:
-            raise InputError(f"tokens have {B} rows, the cache holds {self.batch}")
-        check_cache_room(self.n_positions, self.offset, t)
-        return self.offset
-
-
-def cached_keys_values(kv: Tensor, k: Tensor, v: Tensor, start: int | UOp) -> tuple[Tensor, Tensor]:
-    """Write (B, H, t, D) keys and values into a layer's cache buffer at positions start .. start+t-1
-    and return the keys and values of positions 0 .. start+t-1 (symbolic when `start` is a Variable).
-
-    Lazily: an assign to a view makes `kv` read as the buffer after the write, so the whole forward
-    stays one graph, realized once with the cache (`Tensor.realize(logits, *kv)`). A realize here
-    would not keep the layers below as buffers, and every layer would recompute them (L^2/2 layers)."""
-    end = start + k.shape[2]
-    kv[:, :, :, start:end].assign(Tensor.stack(k, v).cast(kv.dtype))
-    return kv[0, :, :, :end], kv[1, :, :, :end]
 
 
 class CausalSelfAttention:
@@ -110,12 +39,12 @@ class CausalSelfAttention:
         # attention_values="identity" (SPEC.md 17): q and k only, every head reads the input x itself, no c_proj
         self.identity, self.head_sum = spec.attention_values == "identity", spec.head_reduce == "sum"
         self.c_attn = nn.Linear(spec.n_embd, (2 if self.identity else 3) * spec.n_embd, bias=spec.bias == "on")
-        if spec.attention == "learned_sinks":  # here, so that the state dict keeps the canonical order
+        # SPEC.md 10.1: a learned sink logit per head, or softmax1's / softmax_c's constant ln c, or none
+        self.learned_sinks, self.sink_logit = spec.attention == "learned_sinks", spec.sink_logit
+        if self.learned_sinks:  # here, so that the state dict keeps the canonical order
             self.sinks = Tensor.zeros(spec.n_head)
         if not self.identity:
             self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
-        # softmax1 / softmax_c: a constant sink logit, ln c (no parameter, no gradient)
-        self.sink_logit = {"softmax1": 0.0, "softmax_c": math.log(spec.softmax_c)}.get(spec.attention)
 
     def __call__(self, x: Tensor, kv: Tensor | None = None, start: int | UOp = 0) -> Tensor:
         B, T, C = x.shape
@@ -126,7 +55,7 @@ class CausalSelfAttention:
         q, k, v = heads if not self.identity else (*heads, x.reshape(B, T, H, D).transpose(1, 2))
         if kv is not None:
             k, v = cached_keys_values(kv, k, v, start)
-        sink = getattr(self, "sinks", None)
+        sink = self.sinks if self.learned_sinks else None
         if self.sink_logit is not None:
             sink = Tensor.full((H,), self.sink_logit, device=x.device)
         if self.identity:
@@ -206,7 +135,7 @@ class LanguageModel:
     def __call__(self, tokens: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab_size) for (B, T) integer token ids; with `cache`, at the positions after
         those it holds, which the tokens join (SPEC.md 12)."""
-        check_tokens_array(self.spec, tokens.numpy())
+        check_tokens(self.spec, tokens)
         if cache is None:
             return self.forward(tokens, last_only=last_only)
         n = cache.start(tokens.shape)
@@ -216,16 +145,17 @@ class LanguageModel:
         return logits
 
     def loss_and_logits(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The spec's loss (float32 scalar) and the last layer's logits, from one forward; no input checks."""
+        """The spec's loss (float32 scalar) and the last layer's logits, from one forward."""
         logits = self.forward(tokens)
         return spec_loss(self.spec, [logits], targets, draws), logits
 
     def loss(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> Tensor:
         """The spec's loss (float32 scalar) of the logits for `tokens` against `targets`; loss="early_exit"
         takes its uniform draws (n_layer, B, T) in [0, 1) (SPEC.md 18.3)."""
-        check_tokens_array(self.spec, tokens.numpy())
-        check_targets_array(self.spec, tokens.shape, targets.numpy())
-        check_draws_array(self.spec, tokens.shape, None if draws is None else draws.numpy())
+        check_tokens(self.spec, tokens)
+        check_target_layout(tokens.shape, targets.shape, dtypes.is_int(targets.dtype))
+        check_draws_layout(self.spec, tokens.shape, None if draws is None else draws.shape,
+                           draws is None or dtypes.is_float(draws.dtype))
         return self.loss_and_logits(tokens, targets, draws)[0]
 
 
@@ -273,7 +203,24 @@ class GPT(LanguageModel):
     def residual_stats(self, tokens: Tensor) -> dict[str, Tensor]:
         """SPEC.md 18.4: per layer, the mean over (b, t) of the Bessel-corrected std over channels of the
         block's input, mid stream, output and ln_f(output); float32 (n_layer,) Tensors."""
-        check_tokens_array(self.spec, tokens.numpy())
+        check_tokens(self.spec, tokens)
         streams = [(x.float(), mid.float(), y.float(), self.ln_f(y.float())) for x, mid, y in self.layers(tokens)]
         return {name: Tensor.stack(*(s[i].std(-1, correction=1).mean() for s in streams))
                 for i, name in enumerate(("input", "mid", "output", "normed"))}
+
+
+def check_tokens(spec: ModelSpec, tokens: Tensor) -> None:
+    """What the native call checks (SPEC.md 6): the Tensor's shape and dtype, never its values, which
+    would realize it and wait for the device. Ids are checked where data enters: the Backend methods,
+    generate, the CLI."""
+    check_token_layout(spec, tokens.shape, dtypes.is_int(tokens.dtype))
+
+
+def from_host(a: np.ndarray, dtype: str, device: str) -> Tensor:
+    """A fresh Tensor of `a` rounded on the host exactly as the reference rounds (nearest, ties to even).
+    numpy has no bfloat16, so bf16 travels as its bit pattern. Always a fresh host array: Tensor(ndarray)
+    wraps the array itself (tinygrad's NPY device) until realized, and a model must never alias the
+    caller's arrays (which may be read-only; normalize_ writes into the model's own buffers only)."""
+    if dtype == "bfloat16":
+        return Tensor(to_bfloat16_bits(a), device=device).bitcast(dtypes.bfloat16)
+    return Tensor(np.array(a, dtype=dtype, order="C"), device=device)

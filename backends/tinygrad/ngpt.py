@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from tinygrad import Tensor, UOp, dtypes, nn
-from tinygrad.dtype import _to_np_dtype
+from tinygrad import Tensor, UOp, nn
 
-from ...spec import ModelSpec, param_table
+from ...spec import ModelSpec, canonical_dtype, param_table
 from ...spec.params import init_law, ngpt_scales
-from ...spec.reference.ops import rope_angles
-from ...weights.format import to_bfloat16_bits
-from .model import LanguageModel, cached_keys_values, causal_attention
+from ...spec.rope import rope_angles
+from .attention import cached_keys_values, causal_attention
+from .model import LanguageModel, from_host
 
 
 def unit_norm(x: Tensor, axis: int = -1) -> Tensor:
@@ -42,13 +40,6 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return Tensor.stack(a * cos - b * sin, a * sin + b * cos, dim=-1).reshape(x.shape)
 
 
-def _table(t: np.ndarray, dtype, device) -> Tensor:
-    # rounded on the host to nearest even, as the weights are (numpy has no bfloat16: its bits)
-    if dtype == dtypes.bfloat16:
-        return Tensor(to_bfloat16_bits(t), device=device).bitcast(dtypes.bfloat16)
-    return Tensor(t.astype(_to_np_dtype(dtype)), device=device)
-
-
 class RopeTables:
     """RoPE's cos and sin (n_positions, D/2) for every position: angles in float64, once (float32
     angles drift by ~1e-4 rad at position 1024), rounded to the compute dtype on the device on first
@@ -62,7 +53,8 @@ class RopeTables:
 
     def __call__(self, dtype, device: str) -> tuple[Tensor, Tensor]:
         if (key := (dtype, device)) not in self.tables:
-            self.tables[key] = tuple(_table(t, dtype, device).realize() for t in self.angles)
+            # rounded on the host to nearest even, as the weights are
+            self.tables[key] = tuple(from_host(t, canonical_dtype(dtype), device).realize() for t in self.angles)
         return self.tables[key]
 
 

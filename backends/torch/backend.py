@@ -7,15 +7,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ...spec import OPTIONS, BackendError, ModelSpec
-from ...spec.checks import check_draws_array, check_dtype, check_state_shapes
-from ..base import Backend, LossAndGrads
-from .model import GPT, check_targets_tensor, cross_entropy
+from ...spec import BackendError, param_table
+from ...spec.reference.training import TrainState
+from ..base import Backend, LossAndGrads, StepStats
+from .model import GPT
 from .ngpt import NGPT
-
-
-def model_class(spec: ModelSpec):
-    return NGPT if spec.architecture == "ngpt" else GPT
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +43,24 @@ def ieee_float32():
 class TorchBackend(Backend):
     name = "torch"
     extra = "gptspec[torch]"
-    implements = OPTIONS
+    models = {"gpt2": GPT, "ngpt": NGPT}
+    implements = {
+        "architecture": ("gpt2", "ngpt"),
+        "activation": ("gelu_tanh",),
+        "norm": ("layernorm", "layernorm_noaffine", "rmsnorm"),
+        "bias": ("on", "off"),
+        "attention": ("softmax", "softmax1", "softmax_c", "learned_sinks"),
+        "positions": ("learned", "rope", "none"),
+        "mlp": ("gelu", "swiglu"),
+        "ngpt_alpha": ("abs", "signed"),
+        "ngpt_scale": ("inv_sqrt_d", "inv_d"),
+        "blocks": ("independent", "shared"),
+        "block_form": ("sequential", "parallel", "multiplicative", "normed_residual", "escape_normed",
+                       "escape_residual"),
+        "attention_values": ("projected", "identity"),
+        "head_reduce": ("mean", "sum"),
+        "loss": ("final", "all_layers", "all_layers_local", "early_exit"),
+    }
 
     def version(self) -> str:
         return f"torch {torch.__version__}"
@@ -66,22 +79,24 @@ class TorchBackend(Backend):
             return ("float32", "float16")
         return ("float32", "bfloat16", "float16")
 
-    def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",
-              device=None) -> torch.nn.Module:
-        self.check_supported(spec)
-        dev = resolve_device(device)
-        dtype = check_dtype(dtype, self.dtypes(str(dev)), f"torch on {dev}")
-        check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "weights for torch")
+    def _device(self, device) -> torch.device:
+        return resolve_device(device)
+
+    def _new_model(self, spec, dev) -> torch.nn.Module:
         with torch.device("meta"):
-            model = model_class(spec)(spec)  # no memory, no init: every tensor is replaced below
+            return self.model_class(spec)(spec)  # no memory, no init: every tensor is replaced in _assign
+
+    def _parameter_names(self, model) -> list[str]:
+        return [n for n, _ in model.named_parameters()]
+
+    def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev) -> torch.nn.Module:
         # torch.tensor copies: the model must never alias (and normalize_ never write into) the caller's arrays
         state = {n: torch.tensor(np.asarray(a), dtype=_DTYPES[dtype], device=dev) for n, a in params.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def normalize(self, model) -> None:
-        if hasattr(model, "normalize_"):
-            model.normalize_()
+    def _normalize(self, model) -> None:
+        model.normalize_()
 
     def state(self, model) -> dict[str, np.ndarray]:
         return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
@@ -89,37 +104,77 @@ class TorchBackend(Backend):
     def _tensor(self, model, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(model.wte.weight.device)
 
-    def forward(self, model, tokens: np.ndarray) -> np.ndarray:
+    def _forward(self, model, tokens: np.ndarray) -> np.ndarray:
         with torch.no_grad(), ieee_float32():
             logits = model(self._tensor(model, tokens))
         return logits.float().cpu().numpy()
 
-    def extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
+    def _extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
         cache = model.make_cache() if cache is None else cache
         with torch.no_grad(), ieee_float32():
             logits = model(self._tensor(model, tokens), cache=cache, last_only=last_only)
         return logits.float().cpu().numpy(), cache
 
-    def loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray, draws=None) -> LossAndGrads:
-        tokens_t, targets_t = self._tensor(model, tokens), self._tensor(model, targets)
-        check_targets_tensor(model.spec, tokens_t, targets_t)
-        check_draws_array(model.spec, tokens_t.shape, draws)
+    def _loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray, draws) -> LossAndGrads:
+        draws_t = None if draws is None else self._tensor(model, draws.astype(np.float32))
         model.zero_grad(set_to_none=True)
         with ieee_float32():
-            if model.spec.architecture == "ngpt":
-                logits = model(tokens_t)
-                loss = cross_entropy(logits, targets_t)
-            else:
-                draws_t = None if draws is None else self._tensor(model, np.asarray(draws, np.float32))
-                loss, logits = model.loss_and_logits(tokens_t, targets_t, draws_t)
+            loss, logits = model.loss_and_logits(self._tensor(model, tokens), self._tensor(model, targets), draws_t)
             loss.backward()
         grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         return LossAndGrads(float(loss.detach()), logits.detach().float().cpu().numpy(), grads)
 
-    def residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        if model.spec.architecture != "gpt2":
-            raise BackendError("residual_stats are defined for architecture='gpt2' (SPEC.md 18.4)")
+    def _residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
         with ieee_float32():
             stats = model.residual_stats(self._tensor(model, tokens))
         return {k: v.double().cpu().numpy() for k, v in stats.items()}
+
+    # -- training (SPEC.md 20): backends/torch/train.py's loop, imported on use because it builds on
+    # this module's ieee_float32
+    def _optimizer(self, model, train_spec) -> torch.optim.AdamW:
+        from .train import configure_optimizer
+
+        held = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
+        if held:
+            raise BackendError(f"training keeps float32 master weights (SPEC.md 20.9), but this model holds "
+                               f"{', '.join(held)} parameters: build it with dtype='float32' and train with "
+                               f"TrainSpec(precision='mixed_bfloat16') for bfloat16 compute")
+        return configure_optimizer(model, train_spec)
+
+    def _train_step(self, model, optimizer, train_spec, it, micro_batches, draws) -> StepStats:
+        from .train import train_step
+
+        def ids(a):  # torch indexes embeddings with int64
+            return self._tensor(model, np.asarray(a, dtype=np.int64))
+
+        batches = [(ids(tokens), ids(targets)) for tokens, targets in micro_batches]
+        draws_t = None if draws is None else [self._tensor(model, u) for u in draws]
+        return StepStats(*train_step(model, optimizer, train_spec, it, batches, draws_t))
+
+    def _optimizer_state(self, model, optimizer) -> TrainState:
+        def f64(t):
+            return t.detach().to(torch.float64).cpu().numpy()
+
+        step, params, m, v = 0, {}, {}, {}
+        by_name = dict(model.named_parameters())
+        for name in (info.name for info in param_table(model.spec)):  # canonical order, as the reference's
+            p = by_name[name]
+            state = optimizer.state.get(p)  # empty until the first update: step 0, zero moments
+            if state:
+                step = int(state["step"].item())
+            params[name] = f64(p)
+            m[name] = f64(state["exp_avg"]) if state else np.zeros(tuple(p.shape))
+            v[name] = f64(state["exp_avg_sq"]) if state else np.zeros(tuple(p.shape))
+        return TrainState(step, params, m, v)
+
+    def _load_optimizer_state(self, model, optimizer, state: TrainState) -> None:
+        # torch.optim.AdamW's own layout: a float32 scalar step (on the CPU unless the step is fused or
+        # capturable) and the moments in the parameter's dtype on its device
+        on_device = any(g["fused"] or g["capturable"] for g in optimizer.param_groups)
+        for name, p in model.named_parameters():
+            optimizer.state[p] = {
+                "step": torch.tensor(float(state.step), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                "exp_avg": torch.tensor(state.m[name], dtype=p.dtype, device=p.device),
+                "exp_avg_sq": torch.tensor(state.v[name], dtype=p.dtype, device=p.device),
+            }

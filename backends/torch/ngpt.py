@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 from ...spec import ModelSpec, param_table
 from ...spec.params import ngpt_scales
-from ...spec.reference.ops import rope_angles
-from .model import KVCache, attention, cache_offset, check_targets_tensor, cross_entropy, init_from_spec, _check_tokens
+from ...spec.rope import rope_angles
+from .attention import KVCache, attention, cache_offset
+from .losses import cross_entropy
+from .model import check_draws, check_targets, check_tokens, init_from_spec
 
 
 def justnorm(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +128,7 @@ class NGPT(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size); `cache` and `last_only` as GPT.forward has them."""
-        if not torch.compiler.is_compiling():
-            _check_tokens(self.spec, tokens)
+        check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
         h = self.wte(tokens)
         cos_sin = None
@@ -141,7 +142,14 @@ class NGPT(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h) * (self.sz * self.sz_scale)
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            check_targets_tensor(self.spec, tokens, targets)
-        return cross_entropy(self(tokens), targets)
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, draws: None = None) -> torch.Tensor:
+        """The spec's loss (nGPT's is "final": no draws), float32."""
+        return self.loss_and_logits(tokens, targets, draws)[0]
+
+    def loss_and_logits(self, tokens: torch.Tensor, targets: torch.Tensor,
+                        draws: None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) from one forward, as GPT.loss_and_logits."""
+        check_targets(tokens, targets)
+        check_draws(self.spec, tokens, draws)
+        logits = self(tokens)
+        return cross_entropy(logits, targets), logits

@@ -89,3 +89,7 @@ def residual_stats(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens) ->
 def normalize_weights(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The post-step weight normalization (nGPT, SPEC.md 11.3); the identity for other architectures."""
     return ngpt.normalize_weights(spec, _as_f64(spec, params))
+
+
+# The training loop (SPEC.md 20) calls loss_and_grads and normalize_weights above: imported after them.
+from .training import TrainResult, TrainState, load_state, save_state, train  # noqa: E402

@@ -1,61 +1,29 @@
-"""Conformance across machines: portable run artifacts, recorded here and compared anywhere.
-
-An artifact is one safetensors file per (backend, device, dtype, case): the inputs (`tokens`,
-`targets`, int64), the backend's `logits` (float32), `loss` (float64 scalar), `grads/<name>` for
-every parameter and, where the spec keeps weights unit-norm, `normalized/<name>` (float32,
-canonical names), with `__metadata__` saying what ran where (SPEC.md, "Conformance artifacts").
+"""Conformance across machines: run artifacts recorded here, compared anywhere.
 
     paths = record([get("torch")], cases(), ["float32"], "artifacts/")
     result = compare(paths + other_machines_paths)     # pairwise, and against the float64 reference
+
+The file each run is saved in: conformance/artifact_file.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from ..spec import DTYPES, SPEC_VERSION, ModelSpec, SpecError, WeightsError, param_table, reference
+from ..spec import DTYPES, SPEC_VERSION, SpecError, WeightsError, param_table, reference
 from ..weights import round_to_dtype
 from ..weights.format import fingerprint
+from .artifact_file import Artifact, ArtifactError, file_name, metadata, read, tensors_of, write
 from .cases import Case, exit_draws
 from .metrics import Check
 from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, perturb,
                      reference_run)
-
-FORMAT = "gptspec-conformance-artifact"
-FORMAT_VERSION = "1"
-TENSORS = ("tokens", "targets", "logits", "loss")  # besides grads/<name> and normalized/<name>
-METADATA = ("backend", "device", "dtype", "spec_version", "model_spec", "case", "case_fields", "fingerprint")
-
-
-class ArtifactError(WeightsError):
-    """An unreadable artifact, or artifacts that cannot be compared with one another."""
-
-
-@dataclass
-class Artifact:
-    path: Path
-    meta: dict[str, str]
-    tokens: np.ndarray
-    targets: np.ndarray
-    run: Run
-    spec: ModelSpec
-    label: str = ""
-    draws: np.ndarray | None = None  # loss="early_exit"'s uniforms, an input like the tokens   # how tables name it: backend/device (plus #i when that is ambiguous)
-
-    case = property(lambda self: self.meta["case"])
-    dtype = property(lambda self: self.meta["dtype"])
-    synthetic = property(lambda self: self.meta.get("synthetic") == "true")
 
 
 @dataclass
@@ -81,74 +49,6 @@ class Comparison:
         return all(o.ok for o in self.outcomes)
 
 
-# -- writing and reading ----------------------------------------------------------------------
-def machine() -> dict[str, str]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "machine": platform.machine(), "python": platform.python_version()}
-
-
-def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
-    """Write atomically: a temporary file beside `path`, renamed over it once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an artifact is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def tensors_of(run: Run, tokens: np.ndarray, targets: np.ndarray, draws: np.ndarray | None = None
-               ) -> dict[str, np.ndarray]:
-    out = {"tokens": np.asarray(tokens, np.int64), "targets": np.asarray(targets, np.int64),
-           "logits": np.asarray(run.logits, np.float32), "loss": np.asarray(run.loss, np.float64)}
-    if draws is not None:
-        out["draws"] = np.asarray(draws, np.float64)
-    out.update({f"stats/{n}": np.asarray(v, np.float64) for n, v in (run.stats or {}).items()})
-    out.update({f"grads/{n}": np.asarray(g, np.float32) for n, g in run.grads.items()})
-    out.update({f"normalized/{n}": np.asarray(w, np.float32) for n, w in (run.normalized or {}).items()})
-    return out
-
-
-def read(path: str | os.PathLike) -> Artifact:
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != FORMAT:
-                raise ArtifactError(f"{path}: not a gptspec conformance artifact (no format={FORMAT} metadata)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, FileNotFoundError, IsADirectoryError) as e:
-        raise ArtifactError(f"{path}: not a readable artifact: {e}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: artifact format version {meta.get('format_version')!r}, "
-                            f"this gptspec reads {FORMAT_VERSION}")
-    missing = [k for k in TENSORS if k not in t] + [f"metadata {k}" for k in METADATA if k not in meta]
-    if missing:
-        raise ArtifactError(f"{path}: an incomplete artifact, missing {', '.join(missing)}")
-    try:
-        spec = ModelSpec.from_json(meta["model_spec"])
-    except SpecError as e:
-        raise ArtifactError(f"{path}: no valid model_spec in its metadata: {e}") from None
-    part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
-    run = Run(t["logits"], float(t["loss"].reshape(())), part("grads/"), 0.0, part("normalized/") or None,
-              part("stats/") or None)
-    return Artifact(path, meta, t["tokens"], t["targets"], run, spec, draws=t.get("draws"))
-
-
-def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; directories become the artifacts found in them (recursively, sorted)."""
-    out = []
-    for p in map(Path, paths):
-        out += sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
-    return out
-
-
 # -- recording --------------------------------------------------------------------------------
 def portable(case: Case, weights_name: str | None) -> Case:
     """The case as another machine can name it: real weights by name, not by this machine's path."""
@@ -172,24 +72,6 @@ def inputs_of(case: Case) -> Reference:
     if has_unit_norm_weights(ckpt.spec):
         ref.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
     return ref
-
-
-def file_name(case_id: str, backend: str, device: str, dtype: str) -> str:
-    slug = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in case_id)
-    return f"{slug}--{backend}-{device.replace(':', '')}-{dtype}.safetensors"
-
-
-def metadata(backend, case: Case, portable_case: Case, inputs: Reference, fp: str, dtype: str, device: str) -> dict:
-    from .. import __version__
-
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend.name, "device": device,
-        "dtype": dtype, "framework": backend.version(), "gptspec_version": __version__,
-        "spec_version": SPEC_VERSION, "model_spec": inputs.spec.to_json(), "case": portable_case.id,
-        "case_fields": json.dumps(asdict(portable_case)), "weights_path": case.weights or "",
-        "synthetic": "true" if inputs.synthetic else "false", "fingerprint": fp,
-        "machine": json.dumps(machine()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: str | os.PathLike, *,
@@ -329,7 +211,8 @@ def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> 
             result.notes.append(why)
         for dtype in sorted({a.dtype for a in group}, key=lambda d: (DTYPES + (d,)).index(d)):
             members = [a for a in group if a.dtype == dtype]
-            ref = reference_for(ref_case, dtype, members[0].tokens, members[0].targets, members[0].draws) if ref_case else None
+            first = members[0]
+            ref = reference_for(ref_case, dtype, first.tokens, first.targets, first.draws) if ref_case else None
             for a in members:
                 o = Outcome(case, a.label, a.meta["device"], dtype, "ran", synthetic=a.synthetic)
                 if ref is None:
@@ -360,7 +243,8 @@ def compare_with_local(art: Artifact, backends: list, device: str | None = None,
     checks = _checks(art.run, ref, art, art.label, False, (art.label, "reference"))
     outcomes = [Outcome(art.case, f"{art.label} vs reference", art.meta["device"], art.dtype, "ran", checks,
                         synthetic=art.synthetic)]
-    key = (case, art.dtype, art.tokens.tobytes(), art.targets.tobytes(), b"" if art.draws is None else art.draws.tobytes())
+    key = (case, art.dtype, art.tokens.tobytes(), art.targets.tobytes(),
+           b"" if art.draws is None else art.draws.tobytes())
     for b in backends:
         dev = device or b.devices()[0]
         local, subject = f"{b.name}/{dev} (here)", f"{art.label}~{b.name}/{dev} (here)"

@@ -1,0 +1,93 @@
+"""Training a torch model as the spec defines it (SPEC.md 20), written as a torch user writes the loop:
+
+    optimizer = configure_optimizer(model, train_spec)        # torch.optim.AdamW, two parameter groups
+    for it, micro_batches in enumerate(batches):
+        loss, grad_norm, lr = train_step(model, optimizer, train_spec, it, micro_batches)
+
+`model` is this backend's GPT or NGPT in float32 (the master weights); micro-batches are (tokens,
+targets) int64 tensors on the model's device. The learning rate is spec.train.lr_at's, pushed into
+every parameter group before each step: no torch scheduler is in the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ...spec import param_table
+from ...spec.train import TrainSpec, decay_split, lr_at
+from ..base import check_finite_step
+from .backend import ieee_float32
+
+
+def configure_optimizer(model: torch.nn.Module, train_spec: TrainSpec) -> torch.optim.AdamW:
+    """torch.optim.AdamW with the spec's betas and eps, its decayed group (spec.train.decay_split: every
+    tensor with ndim >= 2, or none) at train_spec.weight_decay and the rest at 0."""
+    params = dict(model.named_parameters())  # the canonical names
+    decayed, kept = decay_split(model.spec, train_spec)
+    groups = [{"params": [params[n] for n in names], "weight_decay": wd}
+              for names, wd in ((decayed, train_spec.weight_decay), (kept, 0.0)) if names]
+    # CUDA: the fused kernel, one launch for every tensor. CPU: torch's default, the per-tensor loop
+    # `_single_tensor_adam` (torch routes foreach=None to foreach only on accelerators; on CPU
+    # foreach=True gives the same bits, measured), which is the code SPEC.md 20.6 transcribes operation
+    # by operation, so the spec's step differs from it by float32 rounding alone. torch's fused CPU
+    # kernel is not the default because it rounds in another order: its weights differ from this
+    # loop's by float32 rounding (amplified by Adam where a gradient is ~0), for no speed that matters here.
+    fused = True if _device(model).type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=lr_at(train_spec, 0), betas=train_spec.betas, eps=train_spec.eps,
+                             fused=fused)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_spec: TrainSpec, it: int,
+               micro_batches, draws=None) -> tuple[float, float, float]:
+    """Iteration `it`: the gradient averaged over the micro-batches, the global norm (clipped at
+    train_spec.grad_clip), one AdamW update and nGPT's normalization. Returns (loss, grad norm before
+    clipping, lr) as Python floats, read from the device once. A non-finite loss or gradient raises
+    TrainingDiverged naming the step and the first tensor, before anything changes the weights.
+
+    draws[k]: the (n_layer, B, T) float32 uniforms of micro-batch k under loss="early_exit", else None."""
+    lr = lr_at(train_spec, it)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    names = [p.name for p in param_table(model.spec)]
+    by_name = dict(model.named_parameters())
+    params = [by_name[n] for n in names]  # canonical order: the norm's summation order, the error's first tensor
+    n = len(micro_batches)
+    losses = []
+    with ieee_float32():
+        for k, (tokens, targets) in enumerate(micro_batches):
+            with _compute_precision(model, train_spec):
+                loss = model.loss(tokens, targets, None if draws is None else draws[k]) / n
+            loss.backward()  # outside autocast, as torch recommends: backward runs in each op's forward dtype
+            losses.append(loss.detach())
+        for p in params:  # a parameter the loss does not reach has gradient 0 (the spec's), not None, which
+            if p.grad is None:  # AdamW would skip, freezing its decay and its moments
+                p.grad = torch.zeros_like(p)
+        # clip_grad_norm_ in its two halves: the norm, then (only once it is known finite) the scaling.
+        # clip_grad_norm_ itself would first multiply every gradient by a NaN coefficient, and the
+        # error could no longer tell which gradient went non-finite first.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # the one host read of the step; the loss is the micro-batches' (loss / n) summed in double
+        values = torch.stack([*(x.float() for x in losses), norm.float()]).tolist()
+        loss_value, norm_value = sum(values[:-1]), values[-1]
+        check_finite_step(it, loss_value, norm_value,
+                          lambda: {nm: p.grad.detach().float().cpu().numpy() for nm, p in zip(names, params)})
+        if train_spec.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, train_spec.grad_clip, norm)
+        optimizer.step()
+        if model.spec.has_unit_norm_weights:
+            model.normalize_()  # SPEC.md 20.8: part of the step, in place so the optimizer keeps its tensors
+    return loss_value, norm_value, lr
+
+
+def _compute_precision(model: torch.nn.Module, train_spec: TrainSpec):
+    """SPEC.md 20.9: under mixed_bfloat16, autocast computes the forward (and so the backward) in bfloat16
+    from the float32 master weights; the gradients land in float32 .grad."""
+    if train_spec.precision == "mixed_bfloat16":
+        return torch.autocast(device_type=_device(model).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
