@@ -19,6 +19,30 @@ def _suite(args, weights: str | None) -> list:
     return suite
 
 
+# The training precision (SPEC.md 20.9) each --dtype selects: float16 trains in none.
+_PRECISION_OF_DTYPE = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def _precisions(args) -> list[str]:
+    from ..spec.train import PRECISIONS
+
+    if not args.dtype:
+        return list(PRECISIONS)
+    return [p for p in PRECISIONS if p in {_PRECISION_OF_DTYPE.get(d) for d in args.dtype}]
+
+
+def _trajectory_suite(args) -> list:
+    """The tier's trajectory cases for the chosen variants, narrowed by --only and by the precisions
+    the dtypes select; none with --no-training."""
+    from ..conformance.trajectory import trajectory_cases
+
+    if getattr(args, "no_training", False):
+        return []
+    precisions = set(_precisions(args))
+    suite = trajectory_cases(args.tier, args.variant or ["gpt2"])
+    return [c for c in suite if (not args.only or c.preset in args.only) and precisions & set(c.precisions)]
+
+
 def _nothing_matched(args) -> InputError:
     from ..conformance import cases
 
@@ -57,7 +81,8 @@ def _selection(args):
     from .. import backends as registry
 
     synthetic = _suite(args, None)
-    if not synthetic and args.weights in (None, "none"):  # before the backends: no backend needed to say so
+    training = bool(_trajectory_suite(args))
+    if not synthetic and not training and args.weights in (None, "none"):  # before the backends: no backend needed to say so
         raise _nothing_matched(args)
     names = args.backend or registry.available()
     if not names:
@@ -68,7 +93,7 @@ def _selection(args):
     chosen = [registry.get(n) for n in names]  # unknown or unusable names fail here, clearly
     weights, weights_name = _real_weights(args, synthetic)
     suite = _suite(args, weights) if weights is not None else synthetic
-    if not suite:
+    if not suite and not training:
         raise _nothing_matched(args)
     return chosen, suite, args.dtype or list(DTYPES), weights_name
 
@@ -76,17 +101,22 @@ def _selection(args):
 def cmd_conformance(args) -> int:
     from ..conformance import run
     from ..conformance.generation import generation_cases
-    from ..conformance.report import details, generation_table, summary, table, to_json
+    from ..conformance.report import details, generation_table, summary, table, to_json, trajectory_table
+    from ..conformance.trajectory import run_trajectory
 
     selection = _selection(args)
     if selection is None:
         return 2
     chosen, suite, dtypes, _ = selection
+    precisions = _precisions(args)
+    training = [(c, p) for c in _trajectory_suite(args) for p in precisions if p in c.precisions]
     versions = ", ".join(b.version() for b in chosen)
     generating = [] if args.no_generation else generation_cases(suite, large=args.tier == "heavy")
     console.print(f"gptspec conformance: {versions}; {len(suite)} cases x {len(dtypes)} dtypes, tier {args.tier}"
-                  + (f"; generation on {len(generating)} of the cases" if generating else ""))
-    total = (len(suite) + len(generating)) * len(dtypes) * len(chosen)  # pairs are shown, not counted
+                  + (f"; generation on {len(generating)} of the cases" if generating else "")
+                  + (f"; {len(training)} training trajectories" if training else ""))
+    # pairs are shown, not counted
+    total = ((len(suite) + len(generating)) * len(dtypes) + len(training)) * len(chosen)
 
     with Streamed(total) as stream:
         def on_start(case_id: str, subject: str, dtype: str) -> None:
@@ -99,9 +129,15 @@ def cmd_conformance(args) -> int:
 
         outcomes = run(chosen, suite, dtypes, device=args.device, pairwise=not args.no_pairwise,
                        on_outcome=on_outcome, on_start=on_start, generation=generating)
-    console.print(table(outcomes))
+        for case, precision in training:
+            on_start(case.id, "training", precision)
+            outcomes += run_trajectory(chosen, case, precision, args.device, not args.no_pairwise, on_outcome)
+    if any(o.kind == "model" for o in outcomes):
+        console.print(table(outcomes))
     if any(o.kind == "generation" for o in outcomes):
         console.print(generation_table(outcomes))
+    if any(o.kind == "trajectory" for o in outcomes):
+        console.print(trajectory_table(outcomes))
     if args.json:
         env = {"python": platform.python_version(), "platform": platform.platform(), "backends": versions}
         with open(args.json, "w") as f:
@@ -218,6 +254,10 @@ def _suite_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--tier", choices=("default", "heavy"), default=argparse.SUPPRESS if suppress else "default")
     p.add_argument("--weights", help="real weights for the gpt2 case (name or path; 'none' for synthetic only). "
                                      "Default: 'gpt2' when it resolves")
+    p.add_argument("--no-training", action="store_true",
+                   help="leave out the training trajectories (N optimizer steps of each backend against the float64 "
+                        "reference, SPEC.md 20.11; --dtype float32 trains in float32, bfloat16 in mixed_bfloat16, "
+                        "float16 in none)")
     _case_options(p)
 
 

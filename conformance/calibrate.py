@@ -132,8 +132,10 @@ def trajectory_calibration_cases(seeds: int, steps: int = 4, horizon: int | None
                                  which: str = "all"):
     """The small cases over `seeds` seeds and the full gpt2 shapes' one step (`which`: all, small or gpt2),
     plus, with `horizon`, the small cases over `horizon_seeds` seeds run for `horizon` steps."""
-    from .trajectory import TrajectoryCase, small_trajectory_cases
+    from .trajectory import TrajectoryCase, small_trajectory_cases, trajectory_cases
 
+    if which == "default":  # the test suite's own cases, once (for a backend too slow for more)
+        return trajectory_cases("default") + (small_trajectory_cases(range(horizon_seeds), horizon) if horizon else [])
     out = small_trajectory_cases(range(seeds), steps) if which != "gpt2" else []
     if seeds and which != "small":  # seeds 0: no default-tier runs (only --horizon's, or merging others)
         out.append(TrajectoryCase("gpt2", 0, batch=1, length=32, steps=1, precisions=("float32",), accum=1))
@@ -315,8 +317,9 @@ def main(argv=None) -> int:
     ap.add_argument("--horizon", type=int, default=None,
                     help="with --trajectories: also run the small cases this many steps (the heavy tier's 50)")
     ap.add_argument("--horizon-seeds", type=int, default=2, help="seeds of the --horizon runs")
-    ap.add_argument("--cases", choices=("all", "small", "gpt2"), default="all",
-                    help="with --trajectories: the small configs, the full gpt2 shapes, or both")
+    ap.add_argument("--cases", choices=("all", "small", "gpt2", "default"), default="all",
+                    help="with --trajectories: the small configs over --seeds, the full gpt2 shapes, both, or the "
+                         "default tier's cases once")
     ap.add_argument("--merge-from", action="append", metavar="FILE",
                     help="with --trajectories: also keep the trajectory measurements of another calibration's "
                          "tolerances file (another process or machine); repeatable")

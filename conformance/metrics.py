@@ -54,9 +54,13 @@ def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
 def compare(
     x, ref, *, case: str, subject: str, device: str, dtype: str, quantity: str, tensor: str,
     pairwise: bool = False, names: tuple[str, str] = ("backend", "reference"),
+    bound_l2: float | None = None, bound_max: float | None = None,
 ) -> Check:
-    """Check x against ref. NaN or Inf on either side fails, with a note naming the side."""
-    b_l2, b_max = (bound(dtype, quantity, m, pairwise) for m in METRICS)
+    """Check x against ref. NaN or Inf on either side fails, with a note naming the side.
+    The bounds are the tolerance policy's for (dtype, quantity) unless given (bound_l2, bound_max:
+    e.g. the trajectory bounds, which depend on the step count too)."""
+    b_l2, b_max = (given if given is not None else bound(dtype, quantity, m, pairwise)
+                   for given, m in zip((bound_l2, bound_max), METRICS))
     fields = dict(case=case, subject=subject, device=device, dtype=dtype, quantity=quantity,
                   tensor=tensor, bound_l2=b_l2, bound_max=b_max)
     nan = math.nan

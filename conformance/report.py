@@ -72,10 +72,21 @@ def generation_table(outcomes: Iterable[Outcome], title: str = "gptspec conforma
     return t
 
 
+def trajectory_table(outcomes: Iterable[Outcome],
+                     title: str = "gptspec conformance: training trajectories") -> Table:
+    """The training rows (kind "trajectory"): per quantity the worst error / bound at step 1 and step N."""
+    from .trajectory import table as trajectory_rows
+
+    return trajectory_rows(outcomes, title=title)
+
+
+_KIND_SUFFIX = {"generation": " generation", "trajectory": " training"}
+
+
 def summary(o: Outcome) -> str:
     """One line (rich markup) for an outcome as it streams: what ran, its result, and its worst
     error against its bound (or why it did not run)."""
-    what = f"{o.subject} {o.case} {o.dtype}" + (" generation" if o.kind == "generation" else "")
+    what = f"{o.subject} {o.case} {o.dtype}" + _KIND_SUFFIX.get(o.kind, "")
     if o.status != "ran":
         return f"{_status(o)} {what}: {o.message}"
     worst = max(o.checks, key=lambda c: c.worst_ratio, default=None)

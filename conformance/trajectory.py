@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backends import Backend, get
 from ..spec import IGNORE_INDEX, ModelSpec, param_table, reference
-from ..spec.reference.training import TrainState, accumulate
+from ..spec.reference.training import TrainState
 from ..spec.tolerance import METRICS, TRAJECTORY_QUANTITIES, trajectory_bound
 from ..spec.train import PRECISIONS, TrainSpec
 from ..weights import round_to_dtype

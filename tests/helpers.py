@@ -29,6 +29,22 @@ def params64(spec: ModelSpec, seed: int = 0, init: str = "conformance") -> dict[
     return {k: v.astype(np.float64) for k, v in synthetic_params(spec, seed, init).items()}
 
 
+def master_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The float32 weights a training test starts every backend and the float64 reference from."""
+    return {n: np.asarray(a, np.float32) for n, a in synthetic_params(spec, seed, "conformance").items()}
+
+
+def train_batches(spec: ModelSpec, train_spec, n_steps: int, seed: int, B: int = 2, T: int = 8):
+    """(batches[i][k] = (tokens, targets), draws[i][k] or None) for n_steps steps of train_spec.grad_accum
+    micro-batches: draws only for loss="early_exit" (SPEC.md 18.3)."""
+    rng = np.random.default_rng(1000 + seed)
+    V, n = spec.vocab_size, train_spec.grad_accum
+    batches = [[(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(n)] for _ in range(n_steps)]
+    if spec.loss != "early_exit":
+        return batches, None
+    return batches, [[rng.random((spec.n_layer, B, T)) for _ in range(n)] for _ in range(n_steps)]
+
+
 def ids(spec: ModelSpec, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, spec.vocab_size, shape)
 

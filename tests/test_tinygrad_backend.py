@@ -232,3 +232,22 @@ def test_the_tinygrad_cache_api(tiny):
     assert_close(last.numpy()[:, 0], want[:, -1], "logits", "last_only")
     with pytest.raises(InputError, match="tokens have 3 rows, the cache holds 2"):  # its batch is fixed
         BACKEND.extend(tiny, ids(TINY, (3, 1)), cache)
+
+
+# -- training (backends/tinygrad/train.py); the contract every backend keeps is tests/test_training.py --
+@needs_device
+def test_float32_power_is_the_optimizers_running_product():
+    """A resumed optimizer's b1_t, b2_t come from float32_power (load_moments): it must equal the float32
+    running product `b_t *= b` that tinygrad's own step leaves, or a resume is not bitwise."""
+    from gptspec.backends.tinygrad.train import configure_optimizer, float32_power
+    from gptspec.spec import TrainSpec
+
+    from helpers import master_weights
+
+    optimizer = configure_optimizer(BACKEND.build(TINY, master_weights(TINY)), TrainSpec(betas=(0.9, 0.95)))
+    opt = optimizer.optimizers[0]
+    for step in range(1, 4):
+        opt.b1_t *= opt.b1
+        opt.b2_t *= opt.b2
+        assert opt.b1_t.numpy()[0] == float32_power(opt.b1, step)
+        assert opt.b2_t.numpy()[0] == float32_power(opt.b2, step)

@@ -81,3 +81,28 @@ def test_normalize_is_in_place():
     get("torch").normalize(model)
     assert w.data_ptr() == before and model.h[0].attn.c_proj.weight is w
     assert torch.allclose(w.norm(dim=0), torch.ones(spec.n_embd))
+
+
+# -- training (backends/torch/train.py); the contract every backend keeps is tests/test_training.py ----
+def test_the_first_non_finite_gradient_is_named_before_clipping_spreads_it():
+    """One gradient goes NaN (an autograd hook, as an overflow in one layer would): clip_grad_norm_
+    would multiply every gradient by the NaN coefficient, so the error must come from the norm, before
+    any scaling, and name that tensor rather than the first one in canonical order."""
+    from gptspec.spec import TrainingDiverged, TrainSpec
+
+    from helpers import master_weights, train_batches
+
+    spec, train_spec = ModelSpec.preset("test-tiny"), TrainSpec(lr=1e-2, grad_clip=0.7, grad_accum=2)
+    batches, _ = train_batches(spec, train_spec, 1, seed=6)
+    backend = get("torch")
+    model = backend.build(spec, master_weights(spec))
+    optimizer = backend.optimizer(model, train_spec)
+    model.h[0].attn.c_proj.weight.register_hook(lambda g: g * float("nan"))
+    before = backend.optimizer_state(model, optimizer)
+    with pytest.raises(TrainingDiverged, match=r"it=0: the gradient of 'h.0.attn.c_proj.weight' is not finite") as e:
+        backend.train_step(model, optimizer, train_spec, 0, batches[0])
+    assert (e.value.step, e.value.tensor) == (0, "h.0.attn.c_proj.weight")
+    after = backend.optimizer_state(model, optimizer)
+    assert after.step == before.step == 0
+    assert all(np.array_equal(after.params[n], a) for n, a in before.params.items())
+    assert all(not a.any() for group in (after.m, after.v) for a in group.values())

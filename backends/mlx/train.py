@@ -22,8 +22,8 @@ bias corrections in float32 (`1 - b2**step` from b2 rounded to float32, and lr /
 where torch forms them in Python double. float32(0.999) is 1.3e-8 above 0.999, so with beta2 = 0.999
 1 - beta2^t comes out 1.3e-5 small (relative) for t << 1000 and every update ~6.4e-6 (relative) too
 small where sqrt(v) >> eps (measured: 6.8e-6 in the weight change after one step); with beta2 = 0.95
-it is 1.2e-7, and beta1 = 0.9 adds 2.4e-7: float32 roundoff. tests/test_mlx_training.py budgets the
-deviation exactly and measures it against the float64 reference.
+it is 1.2e-7, and beta1 = 0.9 adds 2.4e-7: float32 roundoff. tests/test_training.py (test_one_update_fed_the_same_gradients_is_the_specs_adamw)
+holds the measured deviation (6.7e-6 with beta2 = 0.999) between 3e-6 and 1e-5.
 """
 from __future__ import annotations
 
