@@ -159,8 +159,11 @@ def cmd_conformance_record(args) -> int:
     if selection is None:
         return 2
     chosen, suite, dtypes, weights_name = selection
+    precisions = _precisions(args)
+    training = [(c, p) for c in _trajectory_suite(args) for p in precisions if p in c.precisions]
     console.print(f"gptspec conformance record: {', '.join(b.version() for b in chosen)}; "
-                  f"{len(suite)} cases x {len(dtypes)} dtypes -> {args.out}")
+                  f"{len(suite)} cases x {len(dtypes)} dtypes"
+                  + (f", {len(training)} training trajectories" if training else "") + f" -> {args.out}")
 
     def show(r):
         if r.status == "written":
@@ -170,7 +173,7 @@ def cmd_conformance_record(args) -> int:
             console.print(f"[{color}]{r.status}[/{color}]: {r.backend} {r.device} {r.dtype} {r.case}: {r.message}")
 
     results = crossmachine.record(chosen, suite, dtypes, args.out, device=args.device, weights_name=weights_name,
-                                  on_result=show)
+                                  on_result=show, trajectories=training)
     written = [r for r in results if r.status == "written"]
     errors = [r for r in results if r.status == "error"]
     console.print(f"{len(written)} artifacts written to {args.out}; {len(errors)} errors, "
@@ -180,7 +183,7 @@ def cmd_conformance_record(args) -> int:
 
 def cmd_conformance_compare(args) -> int:
     from ..conformance import artifact_file, crossmachine
-    from ..conformance.report import details, table, write_artifact_report
+    from ..conformance.report import details, table, trajectory_table, write_artifact_report
 
     paths = artifact_file.expand(args.files)
     if not paths:
@@ -188,7 +191,11 @@ def cmd_conformance_compare(args) -> int:
         return 2
     weights = [args.weights] if isinstance(args.weights, str) else (args.weights or [])  # given before 'compare'
     result = crossmachine.compare(paths, weights=[w for w in weights if w != "none"])
-    console.print(table(result.outcomes, title=f"gptspec conformance compare: {len(paths)} artifacts"))
+    title = f"gptspec conformance compare: {len(paths)} artifacts"
+    if any(o.kind == "model" for o in result.outcomes):
+        console.print(table(result.outcomes, title=title))
+    if any(o.kind == "trajectory" for o in result.outcomes):
+        console.print(trajectory_table(result.outcomes, title=f"{title}: training trajectories"))
     for o in result.outcomes:
         if o.status == "ran" and not o.ok:
             console.print(details(o, only_failures=True))

@@ -6,6 +6,12 @@ An artifact is one safetensors file per (backend, device, dtype, case): the inpu
 residual statistics were taken and, where the spec keeps weights unit-norm, `normalized/<name>`
 (float32, canonical names), with `__metadata__` saying what ran where (SPEC.md, "Conformance
 artifacts"). Recording and comparing them: conformance/crossmachine.py.
+
+A trajectory artifact (metadata kind=trajectory) is one backend's training run of one trajectory case
+in one precision (conformance/trajectory.py): per step `losses`, `grad_norms` and `lrs` (float64), and
+after each checkpoint step k the optimizer state, `step{k}/count` (int64) and `step{k}/params|m|v/<name>`
+(float32, canonical names; the weight change is taken against the case's starting weights, which the
+comparing machine recomputes from the case and checks against the recorded fingerprint).
 """
 from __future__ import annotations
 
@@ -22,14 +28,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..spec import SPEC_VERSION, ModelSpec, SpecError, WeightsError
+from ..spec.reference.training import TrainState
+from ..spec.train import TrainSpec
 from ..weights.atomic import atomic_write
 from .cases import Case
 from .runner import Reference, Run
+from .trajectory import Trajectory
 
 FORMAT = "gptspec-conformance-artifact"
 FORMAT_VERSION = "1"
 TENSORS = ("tokens", "targets", "logits", "loss")  # required; grads/, normalized/, stats/ and draws besides
 METADATA = ("backend", "device", "dtype", "spec_version", "model_spec", "case", "case_fields", "fingerprint")
+TRAJECTORY = "trajectory"  # the metadata `kind` of a trajectory artifact (a model artifact has none)
+TRAJECTORY_TENSORS = ("losses", "grad_norms", "lrs")
+TRAJECTORY_METADATA = METADATA + ("train_spec", "inputs_digest")
+_GROUPS = ("params", "m", "v")
 
 
 class ArtifactError(WeightsError):
@@ -46,6 +59,21 @@ class Artifact:
     spec: ModelSpec
     label: str = ""  # how tables name it: backend/device (plus #i when that is ambiguous)
     draws: np.ndarray | None = None  # loss="early_exit"'s uniforms, an input like the tokens
+
+    case = property(lambda self: self.meta["case"])
+    dtype = property(lambda self: self.meta["dtype"])
+    synthetic = property(lambda self: self.meta.get("synthetic") == "true")
+
+
+@dataclass
+class TrajectoryArtifact:
+    """A trajectory artifact read back: its `dtype` is the training precision."""
+    path: Path
+    meta: dict[str, str]
+    trajectory: Trajectory
+    spec: ModelSpec
+    train_spec: TrainSpec
+    label: str = ""
 
     case = property(lambda self: self.meta["case"])
     dtype = property(lambda self: self.meta["dtype"])
@@ -78,7 +106,35 @@ def tensors_of(run: Run, tokens: np.ndarray, targets: np.ndarray, draws: np.ndar
     return out
 
 
-def read(path: str | os.PathLike) -> Artifact:
+def trajectory_tensors(run: Trajectory) -> dict[str, np.ndarray]:
+    out = {"losses": np.asarray(run.losses, np.float64), "grad_norms": np.asarray(run.grad_norms, np.float64),
+           "lrs": np.asarray(run.lrs, np.float64)}
+    for k, state in run.states.items():
+        out[f"step{k}/count"] = np.asarray(int(state.step), np.int64)
+        for group in _GROUPS:
+            out.update({f"step{k}/{group}/{n}": np.asarray(a, np.float32) for n, a in getattr(state, group).items()})
+    return out
+
+
+def _trajectory_of(path: Path, meta: dict, t: dict) -> TrajectoryArtifact:
+    missing = ([k for k in TRAJECTORY_TENSORS if k not in t]
+               + [f"metadata {k}" for k in TRAJECTORY_METADATA if k not in meta])
+    if missing:
+        raise ArtifactError(f"{path}: an incomplete trajectory artifact, missing {', '.join(missing)}")
+    try:
+        spec, train_spec = ModelSpec.from_json(meta["model_spec"]), TrainSpec.from_json(meta["train_spec"])
+    except (SpecError, ValueError) as e:
+        raise ArtifactError(f"{path}: no valid model_spec or train_spec in its metadata: {e}") from None
+    run = Trajectory([float(x) for x in t["losses"]], [float(x) for x in t["grad_norms"]],
+                     [float(x) for x in t["lrs"]])
+    steps = sorted({int(k.split("/")[0][4:]) for k in t if k.startswith("step") and k.endswith("/count")})
+    for k in steps:
+        part = lambda prefix: {n[len(prefix):]: v for n, v in t.items() if n.startswith(prefix)}  # noqa: E731
+        run.states[k] = TrainState(int(t[f"step{k}/count"]), *(part(f"step{k}/{g}/") for g in _GROUPS))
+    return TrajectoryArtifact(path, meta, run, spec, train_spec)
+
+
+def read(path: str | os.PathLike) -> Artifact | TrajectoryArtifact:
     path = Path(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -91,6 +147,8 @@ def read(path: str | os.PathLike) -> Artifact:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {meta.get('format_version')!r}, "
                             f"this gptspec reads {FORMAT_VERSION}")
+    if meta.get("kind") == TRAJECTORY:
+        return _trajectory_of(path, meta, t)
     missing = [k for k in TENSORS if k not in t] + [f"metadata {k}" for k in METADATA if k not in meta]
     if missing:
         raise ArtifactError(f"{path}: an incomplete artifact, missing {', '.join(missing)}")
@@ -129,4 +187,19 @@ def metadata(backend, case: Case, portable_case: Case, inputs: Reference, fp: st
         "case_fields": json.dumps(asdict(portable_case)), "weights_path": case.weights or "",
         "synthetic": "true" if inputs.synthetic else "false", "fingerprint": fp,
         "machine": json.dumps(machine()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def trajectory_metadata(backend, case, spec: ModelSpec, train_spec: TrainSpec, fp: str, digest: str,
+                        device: str) -> dict:
+    """A trajectory artifact's `__metadata__`: the case (its fields), model, training run, precision."""
+    from .. import __version__
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": TRAJECTORY, "backend": backend.name,
+        "device": device, "dtype": train_spec.precision, "framework": backend.version(),
+        "gptspec_version": __version__, "spec_version": SPEC_VERSION, "model_spec": spec.to_json(),
+        "train_spec": train_spec.to_json(), "case": case.id, "case_fields": json.dumps(asdict(case)),
+        "synthetic": "true", "fingerprint": fp, "inputs_digest": digest, "machine": json.dumps(machine()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

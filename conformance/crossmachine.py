@@ -7,6 +7,7 @@ The file each run is saved in: conformance/artifact_file.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,14 @@ import numpy as np
 from ..spec import DTYPES, SPEC_VERSION, SpecError, WeightsError, param_table, reference
 from ..weights import round_to_dtype
 from ..weights.format import fingerprint
-from .artifact_file import Artifact, ArtifactError, file_name, metadata, read, tensors_of, write
+from .artifact_file import (Artifact, ArtifactError, TrajectoryArtifact, file_name, metadata, read, tensors_of,
+                            trajectory_metadata, trajectory_tensors, write)
 from .cases import Case, exit_draws
 from .metrics import Check
-from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, perturb,
-                     reference_run)
+from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, memory_gap,
+                     perturb, reference_run)
+from .trajectory import (ReferenceTrajectory, TrajectoryCase, backend_trajectory, cached_trajectory,
+                         compare_trajectories, reference_trajectory, trains)
 
 
 @dataclass
@@ -76,12 +80,14 @@ def inputs_of(case: Case) -> Reference:
 
 def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: str | os.PathLike, *,
            device: str | None = None, weights_name: str | None = None,
-           on_result: Callable[[Recorded], None] | None = None) -> list[Recorded]:
+           on_result: Callable[[Recorded], None] | None = None,
+           trajectories: Iterable[tuple[TrajectoryCase, str]] = ()) -> list[Recorded]:
     """Run every backend on every case x dtype and write one artifact each into `out` (a directory,
-    or a .safetensors file when exactly one artifact results). A backend that raises is reported
-    as an error and the others are still recorded."""
-    cases, dtypes, out = list(cases), list(dtypes), Path(out)
-    count = len(cases) * len(dtypes) * len(backends)
+    or a .safetensors file when exactly one artifact results); then every backend's training run of
+    each (trajectory case, precision) of `trajectories`. A backend that raises is reported as an
+    error and the others are still recorded."""
+    cases, dtypes, out, trajectories = list(cases), list(dtypes), Path(out), list(trajectories)
+    count = (len(cases) * len(dtypes) + len(trajectories)) * len(backends)
     if out.suffix == ".safetensors" and count != 1:
         raise ArtifactError(f"--out {out} names one file, but {count} artifacts would be written: pass a directory")
     results = []
@@ -109,6 +115,66 @@ def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: st
                 results.append(res)
                 if on_result:
                     on_result(res)
+    for case, precision in trajectories:
+        results += record_trajectory(backends, case, precision, out, device=device, on_result=on_result)
+    return results
+
+
+def trajectory_inputs(case: TrajectoryCase, precision: str) -> ReferenceTrajectory:
+    """What a backend's training run needs (the model, the run, the starting weights, the batches).
+    The early-exit draws of each step come from the reference's weights at that step, so only that
+    loss computes the float64 reference to record."""
+    if case.spec.loss == "early_exit":
+        return reference_trajectory(case, precision)
+    initial = case.params()
+    for a in initial.values():
+        a.setflags(write=False)
+    return ReferenceTrajectory(spec=case.spec, train_spec=case.train_spec(precision), initial=initial,
+                               batches=case.batches())
+
+
+def inputs_digest(case: TrajectoryCase) -> str:
+    """sha256 of the case's micro-batches (tokens and targets of every step), as generated here."""
+    h = hashlib.sha256()
+    for step in case.batches():
+        for tokens, targets in step:
+            h.update(np.ascontiguousarray(tokens, np.int64).tobytes())
+            h.update(np.ascontiguousarray(targets, np.int64).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def record_trajectory(backends: list, case: TrajectoryCase, precision: str, out: Path, *, device: str | None = None,
+                      on_result: Callable[[Recorded], None] | None = None) -> list[Recorded]:
+    """Every backend's training run of `case` in `precision`, one trajectory artifact each."""
+    gap = memory_gap(case.model_case) or ("" if precision in case.precisions
+                                          else f"{case.id} runs in {', '.join(case.precisions)} only")
+    inputs = None if gap else trajectory_inputs(case, precision)
+    fp = digest = ""
+    if inputs is not None:
+        fp, digest = fingerprint(inputs.spec, inputs.initial), inputs_digest(case)
+    results = []
+    for b in backends:
+        dev = device or b.devices()[0]
+        res = Recorded(case.id, b.name, dev, precision, "written")
+        if gap:
+            res.status, res.message = "not run", gap
+        elif b.unsupported(case.spec):
+            res.status, res.message = "not implemented", b.unsupported(case.spec)
+        elif not trains(b):
+            res.status, res.message = "not implemented", f"{b.name} does not train (SPEC.md 20)"
+        else:
+            try:
+                run = backend_trajectory(b, case, inputs, dev)
+            except Exception as e:
+                res.status, res.message = "error", f"{type(e).__name__}: {e}"
+            else:
+                target = out if out.suffix == ".safetensors" else out / file_name(case.id, b.name, dev, precision)
+                meta = trajectory_metadata(b, case, inputs.spec, inputs.train_spec, fp, digest, dev)
+                res.path = write(target, trajectory_tensors(run), meta)
+                res.seconds = run.seconds
+        results.append(res)
+        if on_result:
+            on_result(res)
     return results
 
 
@@ -203,8 +269,12 @@ def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> 
     arts = [read(p) for p in paths]
     _label(arts)
     result = Comparison(arts, [])
-    for case in dict.fromkeys(a.case for a in arts):
-        group = [a for a in arts if a.case == case]
+    training = [a for a in arts if isinstance(a, TrajectoryArtifact)]
+    for case in dict.fromkeys(a.case for a in training):
+        compare_trajectory_group([a for a in training if a.case == case], result)
+    models = [a for a in arts if not isinstance(a, TrajectoryArtifact)]
+    for case in dict.fromkeys(a.case for a in models):
+        group = [a for a in models if a.case == case]
         check_consistent(group)
         ref_case, why = locate_reference(group[0], weights)
         if why:
@@ -229,12 +299,101 @@ def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> 
     return result
 
 
+def locate_trajectory(art: TrajectoryArtifact) -> tuple[TrajectoryCase | None, str]:
+    """The trajectory case of the artifact, rebuilt here, or None and why not: its model, training run,
+    starting weights (fingerprint) and batches must be those recorded."""
+    skipped = f"trajectory comparison skipped for {art.case} ({art.path})"
+    try:
+        fields = json.loads(art.meta["case_fields"])
+        case = TrajectoryCase(**dict(fields, precisions=tuple(fields.get("precisions", ()))))
+        spec, train_spec = case.spec, case.train_spec(art.dtype)
+    except (TypeError, ValueError, SpecError) as e:
+        return None, f"{skipped}: its case_fields are not understood here ({e})"
+    if spec != art.spec:
+        return None, f"{skipped}: the case builds a different model_spec here"
+    if train_spec != art.train_spec:
+        return None, f"{skipped}: the case's training run differs here: {train_spec.to_json()} vs {art.meta['train_spec']}"
+    fp = fingerprint(spec, case.params())
+    if fp != art.meta["fingerprint"]:
+        return None, f"{skipped}: its starting weights differ here ({fp[:23]}... vs {art.meta['fingerprint'][:23]}...)"
+    digest = inputs_digest(case)
+    if digest != art.meta["inputs_digest"]:
+        return None, f"{skipped}: its batches differ here ({digest[:23]}... vs {art.meta['inputs_digest'][:23]}...)"
+    return case, ""
+
+
+def compare_trajectory_group(group: list[TrajectoryArtifact], result: Comparison) -> None:
+    """Trajectory artifacts of one case: each against the float64 reference, recomputed here from the
+    case, and every two of one precision against each other, under the trajectory bounds."""
+    first = group[0]
+    for other in group[1:]:
+        for key in ("spec_version", "fingerprint", "inputs_digest", "case_fields"):
+            if first.meta.get(key) != other.meta.get(key):
+                _refuse(first, other, f"they were written for different {key}: "
+                                      f"{first.meta.get(key)} vs {other.meta.get(key)}")
+    if first.meta["spec_version"] != SPEC_VERSION:
+        raise ArtifactError(f"{first.path}: written for spec version {first.meta['spec_version']}, "
+                            f"this gptspec implements {SPEC_VERSION}")
+    case, why = locate_trajectory(first)
+    if why:
+        result.notes.append(why)
+    for precision in dict.fromkeys(a.dtype for a in group):
+        members = [a for a in group if a.dtype == precision]
+        ref = reference_trajectory(case, precision) if case else None
+        for a in members:
+            o = Outcome(a.case, a.label, a.meta["device"], precision, "ran", kind="trajectory")
+            if ref is None:
+                o.status, o.message = "not run", why
+            else:
+                o.subject += " vs reference"
+                o.checks = compare_trajectories(a.trajectory, ref, ref, case=a.case, subject=a.label,
+                                                device=a.meta["device"], precision=precision, pairwise=False,
+                                                names=(a.label, "reference"))
+            result.outcomes.append(o)
+        if ref is None:
+            continue  # the pairwise checks need the starting weights and the reference's zero-gradient elements
+        for a, b in combinations(members, 2):
+            subject = f"{a.label}~{b.label}"
+            device = f"{a.meta['device']}/{b.meta['device']}"
+            checks = compare_trajectories(a.trajectory, b.trajectory, ref, case=a.case, subject=subject, device=device,
+                                          precision=precision, pairwise=True, names=(a.label, b.label))
+            result.outcomes.append(Outcome(a.case, subject, device, precision, "ran", checks, kind="trajectory"))
+
+
+def compare_trajectory_with_local(art: TrajectoryArtifact, backends: list, device: str | None = None) -> list[Outcome]:
+    """One trajectory artifact against the reference and against this machine's backends' runs of its case."""
+    art.label = art.label or f"{art.meta['backend']}/{art.meta['device']}"
+    case, why = locate_trajectory(art)
+    if case is None:
+        return [Outcome(art.case, art.label, art.meta["device"], art.dtype, "not run", message=why, kind="trajectory")]
+    ref = reference_trajectory(case, art.dtype)
+    common = dict(case=art.case, device=art.meta["device"], precision=art.dtype)
+    outcomes = [Outcome(art.case, f"{art.label} vs reference", art.meta["device"], art.dtype, "ran",
+                        compare_trajectories(art.trajectory, ref, ref, subject=art.label, pairwise=False,
+                                             names=(art.label, "reference"), **common), kind="trajectory")]
+    for b in backends:
+        dev = device or b.devices()[0]
+        local, subject = f"{b.name}/{dev} (here)", f"{art.label}~{b.name}/{dev} (here)"
+        o = Outcome(art.case, subject, f"{art.meta['device']}/{dev}", art.dtype, "ran", kind="trajectory")
+        if b.unsupported(ref.spec) or not trains(b):
+            o.status = "not implemented"
+            o.message = b.unsupported(ref.spec) or f"{b.name} does not train (SPEC.md 20)"
+        else:
+            run = cached_trajectory(b, case, ref, art.dtype, dev)
+            o.checks = compare_trajectories(art.trajectory, run, ref, **dict(common, device=o.device), subject=subject,
+                                            pairwise=True, names=(art.label, local))
+        outcomes.append(o)
+    return outcomes
+
+
 _local_runs: dict[tuple, Run] = {}
 
 
 def compare_with_local(art: Artifact, backends: list, device: str | None = None,
                        weights: Iterable[str] = ()) -> list[Outcome]:
     """One artifact against the reference and against this machine's backends on its inputs."""
+    if isinstance(art, TrajectoryArtifact):
+        return compare_trajectory_with_local(art, backends, device)
     art.label = art.label or f"{art.meta['backend']}/{art.meta['device']}"
     case, why = locate_reference(art, weights)
     if case is None:

@@ -37,6 +37,7 @@ import numpy as np
 from ..backends import Backend, get
 from ..spec import IGNORE_INDEX, ModelSpec, param_table, reference
 from ..spec.reference.training import TrainState
+from ..spec.variants import VARIANTS
 from ..spec.tolerance import METRICS, TRAJECTORY_QUANTITIES, trajectory_bound
 from ..spec.train import PRECISIONS, TrainSpec
 from ..weights import round_to_dtype
@@ -137,23 +138,32 @@ def small_trajectory_cases(seeds=(0,), steps: int = 4, variants=KEY_VARIANTS) ->
 
 
 def trajectory_cases(tier: str = "default", variants: Iterable[str] | None = None) -> list[TrajectoryCase]:
-    """The suite's trajectory cases.
+    """The suite's trajectory cases; `variants` narrows them, and a variant named there trains even when
+    it is not one of KEY_VARIANTS (every variant trains: `--variant softmax1` runs softmax1's trajectory).
 
     default: 4 steps of GPT-2 (test-tiny) and nGPT (test-mini) in both precisions, of learned sinks, early
     exit and seed 002's form (test-mini) in float32, and one step of the full gpt2 shapes in float32. Kept
-    small because tinygrad compiles every new model's step (a minute or two on two CPU cores).
-    heavy: 50 steps of every key variant on both small configs over two seeds in both precisions, and 4
-    steps of the full gpt2 shapes in float32."""
+    small because tinygrad compiles every new model's step (a minute or two on two CPU cores). A variant
+    named outside KEY_VARIANTS: 4 steps on test-mini in float32.
+    heavy: 50 steps of every key variant on both small configs over two seeds in both precisions, 4 steps
+    of every other variant on test-mini in both precisions, and 4 steps of the full gpt2 shapes in float32."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {TIERS}")
-    chosen = tuple(KEY_VARIANTS if variants is None else (v for v in KEY_VARIANTS if v in set(variants)))
+    named = None if variants is None else set(variants)
+    unknown = sorted((named or set()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; gptspec variants lists them")
+    chosen = tuple(v for v in KEY_VARIANTS if named is None or v in named)
+    others = tuple(v for v in VARIANTS if v not in KEY_VARIANTS and (named is not None and v in named
+                                                                      or named is None and tier == "heavy"))
     if tier == "heavy":
         out = small_trajectory_cases((0, 1), 50, chosen)
+        out += [c for c in small_trajectory_cases((0,), 4, others) if c.preset == "test-mini"]
         if "gpt2" in chosen:
             out.append(TrajectoryCase("gpt2", 0, batch=1, length=64, steps=4, precisions=("float32",), accum=1))
         return out
     out = []
-    for case in small_trajectory_cases((0,), 4, chosen):
+    for case in small_trajectory_cases((0,), 4, chosen + others):
         if case.variant == "gpt2" and case.preset == "test-tiny" or case.variant == "ngpt":
             out.append(case)
         elif case.variant != "gpt2":
@@ -276,9 +286,9 @@ _runs: dict[tuple, Trajectory] = {}
 
 def cached_trajectory(backend: Backend, case: TrajectoryCase, ref: ReferenceTrajectory, precision: str,
                       device: str) -> Trajectory:
-    key = (backend.name, case, precision, device)
+    key = (id(backend), backend.name, case, precision, device)  # by instance: a substituted backend runs anew
     if key not in _runs:
-        if any(k[1:3] != (case, precision) for k in _runs):
+        if any(k[2:4] != (case, precision) for k in _runs):
             _runs.clear()
         _runs[key] = backend_trajectory(backend, case, ref, device)
     return _runs[key]
@@ -292,11 +302,9 @@ def trains(backend: Backend) -> bool:
 # -- the checks -------------------------------------------------------------------------------------
 def _check(x, ref, *, precision: str, steps: int, quantity: str, pairwise: bool, **labels) -> Check:
     """compare()'s metrics and failure notes, under the trajectory bound of (precision, steps, quantity)."""
-    # compare() looks its bound up by (dtype, quantity) of the forward suite; the trajectory bounds
-    # replace it (a compare() that takes bounds would make this a plain call)
-    c = compare(x, ref, dtype="float32", quantity="loss", pairwise=pairwise, **labels)
     b_l2, b_max = (trajectory_bound(precision, steps, quantity, m, pairwise) for m in METRICS)
-    return dataclasses.replace(c, dtype=precision, quantity=quantity, bound_l2=b_l2, bound_max=b_max)
+    return compare(x, ref, dtype=precision, quantity=quantity, pairwise=pairwise, bound_l2=b_l2, bound_max=b_max,
+                   **labels)
 
 
 def _change(state: TrainState | None, initial: dict, name: str, keep: np.ndarray | None):
@@ -434,7 +442,7 @@ def table(outcomes: Iterable[Outcome], title: str = "gptspec trajectory conforma
                 parts.append("-" if c is None else "[red]" + (c.note or "") + "[/red]" if c.note else
                              f"[{'green' if c.ok else 'red'}]{c.worst_ratio:.2g}[/]")
             cells.append(" | ".join(parts))
-        t.add_row(o.case, o.subject, o.device, o.dtype, *cells, f"{o.seconds:.1f}s",
+        t.add_row(o.case, o.subject, o.device, o.dtype, *cells, f"{o.seconds:.1f}s" if o.seconds else "",
                   "[green]pass[/green]" if o.ok else f"[red]FAIL ({len(o.failures)})[/red]")
     return t
 

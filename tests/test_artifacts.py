@@ -64,7 +64,7 @@ def recorded(tmp_path_factory):
         pytest.skip("needs torch or mlx installed")
     out = tmp_path_factory.mktemp("artifacts")
     args = ["conformance", "record", "--dtype", "float32", "--dtype", "bfloat16", "--only", "test-tiny",
-            "--weights", "none", "--out", str(out)]
+            "--weights", "none", "--no-training", "--out", str(out)]
     for b in LOCAL:
         args += ["--backend", b]
     assert cli.main(args) == 0
@@ -166,6 +166,81 @@ def test_a_tampered_gradient_is_flagged(recorded, tmp_path, capsys):
     # and the --artifacts workflow: against the reference and this machine's backend, both flag it
     outcomes = crossmachine.compare_with_local(artifact_file.read(tampered), [backends.get(LOCAL[0])])
     assert [sorted({c.tensor for c in o.failures}) for o in outcomes] == [["h.0.mlp.c_fc.weight"]] * 2
+
+
+# -- training trajectories recorded and compared ----------------------------------------------------
+TRAJECTORY = "test-tiny/seed0/B2xT16x2/N4"
+
+
+@pytest.fixture(scope="module")
+def recorded_training(tmp_path_factory):
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("training")
+    assert cli.main(["conformance", "record", "--backend", "torch", "--dtype", "float32", "--only", "test-tiny",
+                     "--weights", "none", "--out", str(out)]) == 0
+    (path,) = out.glob("test-tiny_seed0_B2xT16x2_N4--torch-*-float32.safetensors")
+    return path
+
+
+def _rewrite_training(src: Path, dest: Path, change) -> Path:
+    """A copy of a trajectory artifact with its tensors changed by change(tensors)."""
+    art = artifact_file.read(src)
+    t = artifact_file.trajectory_tensors(art.trajectory)
+    change(t)
+    return artifact_file.write(dest, t, art.meta)
+
+
+def test_a_trajectory_artifact_round_trips_and_compares(recorded_training, tmp_path):
+    from gptspec.conformance.trajectory import TrajectoryCase, reference_trajectory
+
+    art = artifact_file.read(recorded_training)
+    assert isinstance(art, artifact_file.TrajectoryArtifact)
+    m = art.meta
+    case = TrajectoryCase("test-tiny", 0, batch=2, length=16, steps=4)
+    assert m["kind"] == "trajectory" and m["case"] == TRAJECTORY == case.id and m["dtype"] == "float32"
+    assert m["backend"] == "torch" and m["fingerprint"] == fingerprint(case.spec, case.params())
+    assert json.loads(m["train_spec"]) == json.loads(case.train_spec("float32").to_json())
+    run = art.trajectory
+    assert len(run.losses) == len(run.grad_norms) == len(run.lrs) == 4 and sorted(run.states) == [1, 4]
+    names = {p.name for p in param_table(case.spec)}
+    assert all(set(getattr(run.states[4], g)) == names for g in ("params", "m", "v")) and run.states[4].step == 4
+    ref = reference_trajectory(case, "float32")  # the losses the float64 reference computes, to float32's rounding
+    assert np.allclose(run.losses, ref.losses, rtol=1e-5) and run.lrs == pytest.approx(ref.lrs, rel=1e-12)
+    # a second artifact of the same run (another machine's, say): both against the reference, and the pair
+    copy = _rewrite_training(recorded_training, tmp_path / "copy.safetensors", lambda t: None)
+    result = crossmachine.compare([recorded_training, copy])
+    assert result.ok, failure_text(result.outcomes)
+    assert [o.subject for o in result.outcomes] == ["torch/cpu #1 vs reference", "torch/cpu #2 vs reference",
+                                                    "torch/cpu #1~torch/cpu #2"]
+    assert {c.quantity for c in result.outcomes[0].checks} == {"train_loss", "train_grad_norm", "train_weights",
+                                                                "train_m", "train_v"}
+
+
+def test_a_tampered_trajectory_is_flagged(recorded_training, tmp_path, capsys):
+    def scale_loss(t):
+        t["losses"] = t["losses"] * np.array([1, 1, 1.01, 1])
+
+    tampered = _rewrite_training(recorded_training, tmp_path / "tampered.safetensors", scale_loss)
+    result = crossmachine.compare([recorded_training, tampered])
+    failed = {(o.subject, c.quantity, c.tensor) for o in result.outcomes for c in o.failures}
+    assert not result.ok and failed == {("torch/cpu #2 vs reference", "train_loss", "step 3"),
+                                        ("torch/cpu #1~torch/cpu #2", "train_loss", "step 3")}
+    code = cli.main(["conformance", "compare", str(recorded_training), str(tampered)])
+    out = capsys.readouterr().out
+    assert code == 1 and "training trajectories" in out and "FAIL" in out
+    # the --artifacts workflow: against the reference and this machine's torch
+    outcomes = crossmachine.compare_with_local(artifact_file.read(tampered), [backends.get("torch")])
+    assert [sorted({c.tensor for c in o.failures}) for o in outcomes] == [["step 3"]] * 2
+
+
+def test_trajectory_artifacts_of_other_batches_are_refused(recorded_training, tmp_path):
+    art = artifact_file.read(recorded_training)
+    other = artifact_file.write(tmp_path / "other.safetensors", artifact_file.trajectory_tensors(art.trajectory),
+                                {**art.meta, "inputs_digest": "sha256:0"})
+    with pytest.raises(ArtifactError, match="different inputs_digest"):
+        crossmachine.compare([recorded_training, other])
+    result = crossmachine.compare([other])  # alone: its batches are not this case's here, so nothing is compared
+    assert [o.status for o in result.outcomes] == ["not run"] and "batches differ" in result.notes[0]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -90,13 +90,81 @@ def test_non_terminal_output_streams_one_plain_line_per_result(no_real_weights):
     """Piped (as in CI logs): no live display, no ANSI escapes; one numbered line per result, in order."""
     pytest.importorskip("torch")
     out = gptspec("conformance", "--backend", "torch", "--dtype", "float32", "--only", "test-tiny",
-                  "--no-generation", env=no_real_weights)
+                  "--no-generation", "--no-training", env=no_real_weights)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "\x1b" not in out.stdout + out.stderr and "\r" not in out.stdout + out.stderr
     lines = [STREAMED.match(line) for line in out.stdout.splitlines()]
     counts = [(int(m[1]), int(m[2])) for m in lines if m]
     assert counts == [(1, 2), (2, 2)], out.stdout  # test-tiny's two seeds, torch, float32
     assert out.stdout.count("test-tiny/seed0/B3xT16") == 2  # its streamed line and its table row
+
+
+TRAJECTORY = "test-tiny/seed0/B2xT16x2/N4"  # the default tier's GPT-2 trajectory case at test-tiny
+
+
+def test_training_rows_appear_streamed_in_their_table_and_json(tmp_path, capsys, no_real_weights):
+    pytest.importorskip("torch")
+    code = cli.main(["conformance", "--backend", "torch", "--dtype", "float32", "--only", "test-tiny",
+                     "--no-generation", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    streamed = [line for line in out.splitlines() if STREAMED.match(line) and " training: " in line]
+    assert len(streamed) == 1 and f"pass torch {TRAJECTORY} float32 training" in streamed[0], out
+    assert [(int(m[1]), int(m[2])) for m in map(STREAMED.match, out.splitlines()) if m][-1] == (3, 3), out
+    assert "training trajectories" in out and out.count(TRAJECTORY) == 2  # its streamed line and its row
+    training = [o for o in json.loads((tmp_path / "r.json").read_text())["outcomes"] if o["kind"] == "trajectory"]
+    # --only narrows the trajectory cases (not the gpt2 one-step case); --dtype float32: float32 training only
+    assert [(o["case"], o["subject"], o["dtype"], o["ok"]) for o in training] == [(TRAJECTORY, "torch", "float32", True)]
+    quantities = {c["quantity"] for c in training[0]["checks"]}
+    assert quantities == {"train_loss", "train_grad_norm", "train_weights", "train_m", "train_v"}
+    assert {c["tensor"] for c in training[0]["checks"]} >= {"step 1", "step 4", "step 4: wte.weight"}
+
+    code = cli.main(["conformance", "--backend", "torch", "--dtype", "float32", "--only", "test-tiny",
+                     "--no-generation", "--no-training", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "training" not in out and TRAJECTORY not in out, out
+    assert {o["kind"] for o in json.loads((tmp_path / "r.json").read_text())["outcomes"]} == {"model"}
+
+
+def test_the_dtypes_select_the_training_precisions():
+    from gptspec.cli.conformance import _precisions, _trajectory_suite
+
+    def selected(*argv):
+        args = cli.parser().parse_args(["conformance", *argv])
+        return sorted((c.id, p) for c in _trajectory_suite(args) for p in _precisions(args) if p in c.precisions)
+
+    assert selected("--dtype", "bfloat16", "--only", "test-tiny") == [(TRAJECTORY, "mixed_bfloat16")]
+    assert selected("--dtype", "float32", "--only", "test-tiny") == [(TRAJECTORY, "float32")]
+    assert selected("--dtype", "float16") == []
+    assert selected("--only", "test-tiny", "--no-training") == []
+    assert ("gpt2/seed0/B1xT32x1/N1", "float32") in selected("--dtype", "float32")
+    assert {i.split(":")[0] for i, _ in selected("--variant", "ngpt", "--variant", "early-exit")} == {"ngpt", "early-exit"}
+
+
+def test_a_wrong_training_step_fails_the_command(monkeypatch, capsys, no_real_weights, tmp_path):
+    """A step that leaves out the weight decay (SPEC.md 20.2) trains other weights: flagged, exit 1."""
+    pytest.importorskip("torch")
+    from gptspec import backends
+    from gptspec.backends.torch.backend import TorchBackend
+
+    class NoDecay(TorchBackend):
+        name = "torch"
+
+        def train(self, model, train_spec, batches, draws=None, state=None):
+            return super().train(model, train_spec.replace(weight_decay=0.0), batches, draws, state=state)
+
+    from gptspec.conformance import trajectory
+
+    monkeypatch.setattr(backends, "get", lambda name: NoDecay())
+    monkeypatch.setattr(trajectory, "_runs", {})  # runs are cached by backend name: not the correct torch's run
+    code = cli.main(["conformance", "--backend", "torch", "--dtype", "float32", "--only", "test-tiny",
+                     "--no-generation", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    outcomes = json.loads((tmp_path / "r.json").read_text())["outcomes"]
+    assert all(o["ok"] for o in outcomes if o["kind"] == "model")
+    (training,) = [o for o in outcomes if o["kind"] == "trajectory"]
+    assert not training["ok"] and {c["quantity"] for c in training["checks"] if not c["ok"]} >= {"train_weights"}
 
 
 def test_a_selection_that_matches_nothing_is_an_error(capsys, no_real_weights):
