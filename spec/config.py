@@ -47,8 +47,40 @@ _ARCH_OPTIONS = {
 }
 
 
+class JSONSpec:
+    """The JSON round trip of the spec's frozen configs (ModelSpec, TrainSpec): fields by name, and a
+    field this version does not know refused by name, so a newer file never loads with a meaning lost."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise SpecError(f"a {cls.__name__} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(
+                f"unknown {cls.__name__} field(s) {unknown} (written by a newer gptspec?); "
+                f"known fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{cls.__name__} JSON does not parse: {e}") from None
+        return cls.from_dict(data)
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(JSONSpec):
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -121,33 +153,6 @@ class ModelSpec:
                 f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}"
             ) from None
 
-    # -- JSON --------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        if not isinstance(data, dict):
-            raise SpecError(f"a ModelSpec must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(
-                f"unknown ModelSpec field(s) {unknown} (written by a newer gptspec?); "
-                f"known fields: {sorted(known)}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"ModelSpec JSON does not parse: {e}") from None
-        return cls.from_dict(data)
 
 
 def _problems(s: ModelSpec):

@@ -10,12 +10,11 @@ weight decay 0.01) at a constant learning rate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelSpec
+from .config import JSONSpec, ModelSpec
 from .errors import SpecError
 from .params import param_table
 
@@ -36,7 +35,7 @@ class TrainingDiverged(ArithmeticError):
 
 
 @dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(JSONSpec):
     lr: float = 1e-3                   # the maximum learning rate
     min_lr_ratio: float = 0.1          # schedule="cosine" decays to lr * min_lr_ratio
     warmup_steps: int = 0              # lr * (it+1) / warmup_steps while it < warmup_steps
@@ -81,30 +80,6 @@ class TrainSpec:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainSpec":
-        if not isinstance(data, dict):
-            raise SpecError(f"a TrainSpec must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(
-                f"unknown TrainSpec field(s) {unknown} (written by a newer gptspec?); "
-                f"known fields: {sorted(known)}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"TrainSpec JSON does not parse: {e}") from None
-        return cls.from_dict(data)
 
 
 def _is_int(v) -> bool:
