@@ -100,21 +100,29 @@ def measure(backends: list[str], cases: list[Case], dtypes=DTYPES, device=None, 
         tolerance.policy = original
 
 
+def measured_outcomes(outcomes, case, dtype: str):
+    """The outcomes that ran, for a calibration: a crash or a non-numeric check (NaN, a missing tensor) is
+    no measurement, and stops the calibration rather than setting a bound."""
+    for out in outcomes:
+        if out.status == "error":
+            raise RuntimeError(f"{out.subject} failed on {case.id} {dtype}: {out.message}")
+        if out.status != "ran":
+            continue
+        for c in out.checks:
+            if c.note:
+                raise RuntimeError(f"{out.subject} {case.id} {dtype} {c.tensor}: {c.note}")
+        yield out
+
+
 def _measure(backends, cases, dtypes, device, log) -> dict:
     worst: dict = {d: {q: {m: {"value": 0.0} for m in METRICS} for q in QUANTITIES} for d in dtypes}
     resolved = [get(b) for b in backends]
     runs = 0
     for case in cases:
         for dtype in dtypes:
-            for out in run_case(resolved, case, dtype, device, pairwise=False):
-                if out.status == "error":
-                    raise RuntimeError(f"{out.subject} failed on {case.id} {dtype}: {out.message}")
-                if out.status != "ran":
-                    continue
+            for out in measured_outcomes(run_case(resolved, case, dtype, device, pairwise=False), case, dtype):
                 runs += 1
                 for c in out.checks:
-                    if c.note:
-                        raise RuntimeError(f"{out.subject} {case.id} {dtype} {c.tensor}: {c.note}")
                     for metric in METRICS:
                         value = getattr(c, metric)
                         slot = worst[dtype][c.quantity][metric]
@@ -172,15 +180,9 @@ def measure_trajectories(backends: list[str], cases, log=print) -> dict:
         resolved = [get(b) for b in backends]
         for case in cases:
             for precision in case.precisions:
-                for out in run_trajectory(resolved, case, precision, pairwise=False):
-                    if out.status == "error":
-                        raise RuntimeError(f"{out.subject} failed on {case.id} {precision}: {out.message}")
-                    if out.status != "ran":
-                        continue
+                for out in measured_outcomes(run_trajectory(resolved, case, precision, pairwise=False), case, precision):
                     runs += 1
                     for c in out.checks:
-                        if c.note:
-                            raise RuntimeError(f"{out.subject} {case.id} {precision} {c.tensor}: {c.note}")
                         for metric in METRICS:
                             slot = (worst.setdefault(precision, {}).setdefault(_step_of(c), {})
                                     .setdefault(c.quantity, {}).setdefault(metric, {"value": 0.0}))
