@@ -34,6 +34,7 @@ class LossAndGrads:
     loss: float
     logits: np.ndarray            # (B, T, vocab) float32
     grads: dict[str, np.ndarray]  # canonical name -> float32, canonical layout
+    stats: dict[str, np.ndarray] | None = None  # residual_stats of the same tokens, when asked for (gpt2 only)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Backend(ABC):
         """The native model for a name, path or Checkpoint (see gptspec.weights.load_checkpoint)."""
         ckpt: Checkpoint = load_checkpoint(source)
         self.check_supported(ckpt.spec)
-        return self.build(ckpt.spec, ckpt.params, dtype or "float32", device)
+        return self.build(ckpt.spec, ckpt.params, "float32" if dtype is None else dtype, device)
 
     def _check_parameters(self, spec: ModelSpec, model: Any) -> None:
         """The native model must hold exactly the canonical table's parameters, under their names."""
@@ -135,14 +136,20 @@ class Backend(ABC):
         return self._forward(model, tokens)
 
     def loss_and_grads(self, model: Any, tokens: np.ndarray, targets: np.ndarray,
-                       draws: np.ndarray | None = None) -> LossAndGrads:
+                       draws: np.ndarray | None = None, *, stats: bool = False) -> LossAndGrads:
         """The spec's loss (SPEC.md 4 and 18), the last layer's logits and every parameter's gradient.
-        `draws`: the (n_layer, B, T) uniforms of loss="early_exit" (spec.checks.check_draws), else None."""
+        `draws`: the (n_layer, B, T) uniforms of loss="early_exit" (spec.checks.check_draws), else None.
+        `stats`: the residual statistics of `tokens` too (what residual_stats gives, architecture gpt2),
+        from the same forward where the backend can: the conformance runner's one pass per case."""
         tokens, targets = np.asarray(tokens), np.asarray(targets)
         check_tokens_array(model.spec, tokens)
         check_targets_array(model.spec, tokens.shape, targets)
         check_draws_array(model.spec, tokens.shape, draws)
-        return self._loss_and_grads(model, tokens, targets, None if draws is None else np.asarray(draws))
+        draws = None if draws is None else np.asarray(draws)
+        if not stats:
+            return self._loss_and_grads(model, tokens, targets, draws)
+        _check_stats_defined(model.spec)
+        return self._loss_grads_and_stats(model, tokens, targets, draws)
 
     def extend(self, model: Any, tokens: np.ndarray, cache: Any, last_only: bool = False) -> tuple[np.ndarray, Any]:
         """SPEC.md 12: logits (B, t, vocab) float32 of `tokens` (B, t) at the positions after those in
@@ -153,9 +160,7 @@ class Backend(ABC):
 
     def residual_stats(self, model: Any, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """SPEC.md 18.4 ("SIZE COMPARISON"): {"input", "mid", "output", "normed"} -> (n_layer,) float64."""
-        if model.spec.architecture != "gpt2":
-            raise SpecError(f"residual_stats are defined for architecture='gpt2' (SPEC.md 18.4), "
-                            f"not {model.spec.architecture!r}")
+        _check_stats_defined(model.spec)
         tokens = np.asarray(tokens)
         check_tokens_array(model.spec, tokens)
         return self._residual_stats(model, tokens)
@@ -241,6 +246,14 @@ class Backend(ABC):
     def _loss_and_grads(self, model: Any, tokens: np.ndarray, targets: np.ndarray,
                         draws: np.ndarray | None) -> LossAndGrads: ...
 
+    def _loss_grads_and_stats(self, model: Any, tokens: np.ndarray, targets: np.ndarray,
+                              draws: np.ndarray | None) -> LossAndGrads:
+        """_loss_and_grads with the residual statistics. This default runs the two hooks one after the
+        other (two forwards); a backend whose framework can take both from one forward overrides it."""
+        out = self._loss_and_grads(model, tokens, targets, draws)
+        out.stats = self._residual_stats(model, tokens)
+        return out
+
     def _extend(self, model: Any, tokens: np.ndarray, cache: Any, last_only: bool) -> tuple[np.ndarray, Any]:
         raise BackendError(f"{self.name} does not implement generation (a KV cache)")
 
@@ -296,6 +309,12 @@ def check_finite_step(it: int, loss: float, grad_norm: float,
     what = (f"the gradient of {bad!r} is not finite" if bad else f"the loss is {loss!r}" if not math.isfinite(loss)
             else f"the global gradient norm overflowed to {grad_norm!r}")
     raise TrainingDiverged(f"training iteration it={it}: {what}; training stopped before the update", it, bad)
+
+
+def _check_stats_defined(spec: ModelSpec) -> None:
+    if spec.architecture != "gpt2":
+        raise SpecError(f"residual_stats are defined for architecture='gpt2' (SPEC.md 18.4), "
+                        f"not {spec.architecture!r}")
 
 
 def _option_names() -> tuple[str, ...]:

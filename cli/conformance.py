@@ -3,10 +3,13 @@ run the negative controls."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import platform
 
 from ..spec import DTYPES, PRESETS, InputError, WeightsError
-from .console import Streamed, console
+from ..weights.atomic import atomic_write
+from .console import Streamed, check_output, console
 
 
 def _suite(args, weights: str | None) -> list:
@@ -74,12 +77,28 @@ def _real_weights(args, synthetic_suite) -> tuple[str | None, str | None]:
         return None, None
 
 
+def _check_weights_given(args) -> None:
+    """--weights names something that exists, whether or not the selection reaches its case: a typo
+    is an error, never silently ignored."""
+    from ..weights import resolve
+
+    given = getattr(args, "weights", None)
+    if given is None or given == "none":
+        return
+    if os.path.exists(given):
+        return
+    if resolve.names_a_path(given):
+        raise WeightsError(f"--weights {given}: no such file or directory")
+    resolve.locate(given)  # a name: where it was looked for, if nowhere
+
+
 def _selection(args):
     """The backends, cases and dtypes the options choose (shared by run and record), and the name
     of the real weights in the suite (None when synthetic only); None when no backend is installed.
     A selection that matches no case is an InputError."""
     from .. import backends as registry
 
+    _check_weights_given(args)
     synthetic = _suite(args, None)
     training = bool(_trajectory_suite(args))
     if not synthetic and not training and args.weights in (None, "none"):  # before the backends: no backend needed to say so
@@ -104,6 +123,8 @@ def cmd_conformance(args) -> int:
     from ..conformance.report import details, generation_table, summary, table, to_json, trajectory_table
     from ..conformance.trajectory import run_trajectory
 
+    if args.json:
+        check_output(args.json, make_parents=False)  # before the suite, not after it
     selection = _selection(args)
     if selection is None:
         return 2
@@ -140,8 +161,8 @@ def cmd_conformance(args) -> int:
         console.print(trajectory_table(outcomes))
     if args.json:
         env = {"python": platform.python_version(), "platform": platform.platform(), "backends": versions}
-        with open(args.json, "w") as f:
-            f.write(to_json(outcomes, env))
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(to_json(outcomes, env))
     failed = [o for o in outcomes if not o.ok]
     if failed:
         console.print(f"[red]{len(failed)} of {len(outcomes)} results failed[/red]")
@@ -155,6 +176,7 @@ def cmd_conformance(args) -> int:
 def cmd_conformance_record(args) -> int:
     from ..conformance import crossmachine
 
+    check_output(args.out, directory=not str(args.out).endswith(".safetensors"))
     selection = _selection(args)
     if selection is None:
         return 2
@@ -185,6 +207,11 @@ def cmd_conformance_compare(args) -> int:
     from ..conformance import artifact_file, crossmachine
     from ..conformance.report import details, table, trajectory_table, write_artifact_report
 
+    if args.report:
+        check_output(args.report, directory=True)
+    missing = [f for f in args.files if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(errno.ENOENT, "no such artifact file or directory", missing[0])
     paths = artifact_file.expand(args.files)
     if not paths:
         console.print(f"[red]no artifacts[/red] in {', '.join(args.files)}")

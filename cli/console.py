@@ -1,13 +1,19 @@
-"""The console every command prints to, and the progress displays the long commands share.
+"""The console every command prints to, the progress displays the long commands share, and the check
+that an output path can be written before the work that fills it starts.
 
 On a terminal: rich's live displays. Anywhere else (CI logs, pipes, files): plain lines only, no
 live display and no ANSI escapes, so that a log reads like a transcript.
 """
 from __future__ import annotations
 
+import errno
+import os
 import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn)
 
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the conformance table
@@ -19,7 +25,26 @@ def _clock(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-class Streamed:
+def live_progress(*columns) -> Progress | None:
+    """A transient rich Progress of these columns on a terminal; None in logs and pipes (plain lines there)."""
+    return Progress(*columns, console=console, transient=True) if console.is_terminal else None
+
+
+class Live:
+    """Enters and leaves its `bar` (a live_progress, or None) with the owner's `with` block."""
+    bar: Progress | None = None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+
+class Streamed(Live):
     """A long job's progress: on a terminal a live line (what runs now, how many of how many are
     done, the time elapsed) under the results streamed so far; elsewhere only the results, one
     plain line each, prefixed with the count done and the time elapsed.
@@ -33,24 +58,11 @@ class Streamed:
     def __init__(self, total: int | None, what: str = "results"):
         self.total, self.what, self.done = total, what, 0
         self.began = time.perf_counter()
-        self.bar = None
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
-                TimeElapsedColumn
-
-            counts = MofNCompleteColumn() if total is not None else TextColumn("{task.completed} " + what)
-            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), counts,
-                                TimeElapsedColumn(), console=console, transient=True)
+        counts = MofNCompleteColumn() if total is not None else TextColumn("{task.completed} " + what)
+        self.bar = live_progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), counts,
+                                 TimeElapsedColumn())
+        if self.bar:
             self.task = self.bar.add_task("starting", total=total)
-
-    def __enter__(self) -> "Streamed":
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.__exit__(*exc)
 
     def start(self, text: str) -> None:
         """What runs now (shown live on a terminal; not logged elsewhere)."""
@@ -71,26 +83,12 @@ class Streamed:
         console.print(renderable)
 
 
-class ConvertProgress:
+class ConvertProgress(Live):
     """Progress bars on a terminal (per tensor where the format reports it); silent in logs and pipes."""
 
     def __init__(self):
-        self.bar = None
-        if console.is_terminal:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
+        self.bar = live_progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
         self.tasks = {}
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
 
     @property
     def report(self):
@@ -109,3 +107,26 @@ class ConvertProgress:
         if self.bar:
             self.bar.update(tid, total=1, completed=1)
         return result
+
+
+# -- where commands write ---------------------------------------------------------------------
+def check_output(path: str | os.PathLike, *, directory: bool = False, make_parents: bool = True) -> Path:
+    """Fail now, before any long work, if `path` cannot be written: an OSError naming the path (the CLI
+    prints it as one line and exits 2). `directory`: the path is a directory to write into, else a
+    file; `make_parents`: missing directories on the way are made (the writers do), else the parent
+    must exist. Checks what can be known in advance; a disk that fills later still fails later."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        if directory:
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(p))
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file to write", str(p))
+    existing = p if (directory and p.exists()) else p.parent
+    while not existing.exists():
+        if not make_parents:
+            raise FileNotFoundError(errno.ENOENT, "no such directory to write into", str(existing))
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is not a directory, so nothing can be written under it", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(existing))
+    return p

@@ -7,7 +7,8 @@ import sys
 from rich.console import Console
 
 from ..spec import DTYPES, InputError
-from .console import console
+from .console import check_output, console
+from .weights import seed
 
 
 def _prompt(args, ckpt) -> tuple[list[int], object]:
@@ -32,8 +33,6 @@ def _prompt(args, ckpt) -> tuple[list[int], object]:
 
 def cmd_stats(args) -> int:
     """SPEC.md 18.4, seed 002's "SIZE COMPARISON": per-layer sizes of the residual stream for a text."""
-    from pathlib import Path
-
     import numpy as np
     from rich.table import Table
 
@@ -41,6 +40,8 @@ def cmd_stats(args) -> int:
     from ..spec.checks import check_tokens_array
     from ..weights import load_checkpoint
 
+    if args.json:
+        check_output(args.json, make_parents=False)
     ckpt = load_checkpoint(args.model)
     ids, _ = _prompt(args, ckpt)
     tokens = np.array([ids], dtype=np.int64)
@@ -67,7 +68,10 @@ def cmd_stats(args) -> int:
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps({k: v.tolist() for k, v in stats.items()}, indent=1))
+        from ..weights.atomic import atomic_write
+
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps({k: v.tolist() for k, v in stats.items()}, indent=1))
     if ckpt.synthetic:
         console.print("[yellow]SYNTHETIC weights[/yellow]")
     return 0
@@ -164,7 +168,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=50, help="0: off")
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0, help="a non-negative integer (default 0)")
     g.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, one batch")
     g.add_argument("--ids", help="the prompt as token ids '1,2,3' (printed as ids): for models without "
                                  "GPT-2's vocabulary")

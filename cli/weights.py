@@ -1,9 +1,11 @@
 """`gptspec info`, `convert` and `synthetic`: weights files described, converted and made."""
 from __future__ import annotations
 
+import argparse
+
 from ..spec import DTYPES, PRESETS, WeightsError
 from ..weights.resolve import CONVERT_FORMATS, format_of_destination
-from .console import ConvertProgress, console
+from .console import ConvertProgress, check_output, console
 
 
 def cmd_info(args) -> int:
@@ -19,6 +21,7 @@ def cmd_convert(args) -> int:
     from ..weights import load_checkpoint, save, write_hf, write_llmc, write_nanogpt
 
     fmt = args.to or format_of_destination(args.dest)
+    check_output(args.dest, directory=fmt == "hf")  # before reading a large source
     with ConvertProgress() as bars:
         ckpt = load_checkpoint(args.source, progress=bars.report)
         dtype = args.dtype or (ckpt.stored_dtype if ckpt.stored_dtype in DTYPES else "float32")
@@ -53,6 +56,7 @@ def cmd_synthetic(args) -> int:
         raise WeightsError(f"{args.dest}: a directory means the Hugging Face layout, which holds GPT-2 only, not "
                            f"variant {args.variant!r}: name the file {args.dest.rstrip('/')}.safetensors "
                            "(a canonical file, which carries its spec) or give --to canonical")
+    check_output(args.dest, directory=to == "hf")
     params = synthetic_params(spec, args.seed, args.init)
     if to == "hf":
         write_hf(args.dest, spec, params, args.dtype, synthetic=True)
@@ -61,6 +65,17 @@ def cmd_synthetic(args) -> int:
              origin=f"synthetic:{args.preset}:{args.seed} ({args.init} init)")
     console.print(f"wrote SYNTHETIC {args.preset} weights ({args.init} init, seed {args.seed}) to {args.dest}")
     return 0
+
+
+def seed(text: str) -> int:
+    """argparse's type for a seed: a non-negative integer, as numpy's generators take."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the seed must be a non-negative integer, got {text!r}")
+    return value
 
 
 def add_parsers(sub) -> None:
@@ -80,7 +95,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("synthetic", help="write deterministic synthetic weights")
     s.add_argument("preset", choices=list(PRESETS))
     s.add_argument("dest")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0, help="a non-negative integer (default 0)")
     s.add_argument("--init", choices=("gpt2", "conformance"), default="gpt2")
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--variant", default="gpt2", help="architecture variant (gptspec variants); "

@@ -4,6 +4,8 @@ Tiers:
 - "default": GPT-2 on the small test configs over two seeds and on the full gpt2 (124M) shapes once; every
   other variant on test-mini (two layers) with one seed. Minutes on a laptop CPU.
 - "heavy": more seeds, longer sequences, and every GPT-2 preset up to gpt2-xl.
+Both tiers also run GPT-2 on a small model trained on Shakespeare (conformance/trained.py): peaked
+attention and larger logits, where precision bugs show that random weights hide.
 """
 from __future__ import annotations
 
@@ -137,6 +139,10 @@ def cases(tier: str = "default", weights: str | None = None, variants=("gpt2",))
             ]
             if variant == "gpt2":
                 out += [Case(p, 0, batch=1, length=32) for p in ("gpt2-medium", "gpt2-large", "gpt2-xl")]
+    if "gpt2" in variants:  # a trained checkpoint beside the synthetic weights (conformance/trained.py)
+        from .trained import trained_cases  # here: trained.py builds on this module
+
+        out += trained_cases(tier)
     if weights is not None:
         out.append(Case("gpt2", 0, batch=2, length=64, weights=weights))
     return out

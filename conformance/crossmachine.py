@@ -24,7 +24,7 @@ from .artifact_file import (Artifact, ArtifactError, TrajectoryArtifact, file_na
                             trajectory_metadata, trajectory_tensors, write)
 from .cases import Case, exit_draws
 from .metrics import Check
-from .runner import (Outcome, Reference, Run, _frozen, backend_run, compare_runs, has_unit_norm_weights, memory_gap,
+from .runner import (Outcome, Reference, Run, backend_gap, _frozen, backend_run, compare_runs, has_unit_norm_weights, memory_gap,
                      perturb, reference_run)
 from .trajectory import (ReferenceTrajectory, TrajectoryCase, backend_trajectory, cached_trajectory,
                          compare_trajectories, reference_trajectory, trains)
@@ -98,10 +98,9 @@ def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: st
             for b in backends:
                 dev = device or b.devices()[0]
                 res = Recorded(pcase.id, b.name, dev, dtype, "written")
-                if b.unsupported(inputs.spec):
-                    res.status, res.message = "not implemented", b.unsupported(inputs.spec)
-                elif dtype not in b.dtypes(dev):
-                    res.status, res.message = "unsupported", f"{b.name} does not run {dtype} on {dev}"
+                gap = backend_gap(b, inputs.spec, dtype, dev)
+                if gap:
+                    res.status, res.message = gap
                 else:
                     try:
                         run = backend_run(b, inputs, dtype, dev)
@@ -212,6 +211,14 @@ def locate_reference(art: Artifact, weights: Iterable[str] = ()) -> tuple[Case |
         case = Case(**json.loads(art.meta["case_fields"]))
     except (TypeError, ValueError) as e:
         return None, f"reference comparison skipped for {art.case}: its case_fields are not understood here ({e})"
+    if case.weights is None:
+        try:
+            same = case.spec == art.spec
+        except (SpecError, WeightsError) as e:
+            return None, f"reference comparison skipped for {art.case}: its case is not understood here ({e})"
+        if not same:  # never synthesize a model the artifact's own tensors do not hold (SPEC.md 8)
+            return None, (f"reference comparison skipped for {art.case}: its case ({case.preset}, variant "
+                          f"{case.variant}) builds a different model here than its model_spec and gradients describe")
     names = [None] if case.weights is None else list(dict.fromkeys(
         n for n in (*weights, case.weights, art.meta.get("weights_path")) if n))
     tried = []
@@ -307,7 +314,7 @@ def locate_trajectory(art: TrajectoryArtifact) -> tuple[TrajectoryCase | None, s
         fields = json.loads(art.meta["case_fields"])
         case = TrajectoryCase(**dict(fields, precisions=tuple(fields.get("precisions", ()))))
         spec, train_spec = case.spec, case.train_spec(art.dtype)
-    except (TypeError, ValueError, SpecError) as e:
+    except (TypeError, ValueError, SpecError, WeightsError) as e:
         return None, f"{skipped}: its case_fields are not understood here ({e})"
     if spec != art.spec:
         return None, f"{skipped}: the case builds a different model_spec here"
@@ -408,9 +415,9 @@ def compare_with_local(art: Artifact, backends: list, device: str | None = None,
         dev = device or b.devices()[0]
         local, subject = f"{b.name}/{dev} (here)", f"{art.label}~{b.name}/{dev} (here)"
         o = Outcome(art.case, subject, f"{art.meta['device']}/{dev}", art.dtype, "ran", synthetic=art.synthetic)
-        if b.unsupported(ref.spec) or art.dtype not in b.dtypes(dev):
-            o.status = "unsupported"
-            o.message = b.unsupported(ref.spec) or f"{b.name} does not run {art.dtype} on {dev}"
+        gap = backend_gap(b, ref.spec, art.dtype, dev)
+        if gap:
+            o.status, o.message = gap
         else:
             if any(k[2:] != key for k in _local_runs):  # keep the runs of one case and inputs only
                 _local_runs.clear()

@@ -252,7 +252,7 @@ def run_generation(backends, case, dtype: str, device: str | None = None, pairwi
 
     from ..spec import BackendError
     from .metrics import compare
-    from .runner import Outcome, memory_gap, reference_run
+    from .runner import Outcome, backend_gap, memory_gap, reference_run
 
     outcomes: list = []
 
@@ -267,13 +267,11 @@ def run_generation(backends, case, dtype: str, device: str | None = None, pairwi
     for backend in backends:
         dev = devices[backend.name] = device or backend.devices()[0]
         out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=case.synthetic, kind="generation")
-        missing = backend.unsupported(spec)
+        gap = backend_gap(backend, spec, dtype, dev)
         if too_big:
             out.status, out.message = "not run", too_big
-        elif missing:
-            out.status, out.message = "not implemented", missing
-        elif dtype not in backend.dtypes(dev):
-            out.status, out.message = "unsupported", f"{backend.name} does not run {dtype} on {dev}"
+        elif gap:
+            out.status, out.message = gap
         else:
             if on_start:
                 on_start(case.id, f"{backend.name} generation", dtype)

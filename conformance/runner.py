@@ -2,8 +2,9 @@
 
 For a case and a dtype, the reference runs on the case's weights rounded to that dtype (the
 values the backend holds), so what is measured is the backend's arithmetic, not the rounding
-of its weights. Every installed backend then gives logits (forward), loss and all gradients
-(loss_and_grads), and each tensor is checked under the tolerance policy. Where the spec keeps
+of its weights. Every installed backend then gives, in one pass, the logits, the loss and all
+gradients (loss_and_grads, whose logits are those of the loss's forward) and the residual
+statistics, and each tensor is checked under the tolerance policy. Where the spec keeps
 weights unit-norm (nGPT), the post-step normalization is checked on its own as well: weights
 pushed off the unit sphere, normalized in place by the backend, read back.
 """
@@ -123,6 +124,7 @@ def reference_run(case: Case, dtype: str) -> Reference:
                     draws=draws)
     if ckpt.spec.architecture == "gpt2":
         out.stats = reference.residual_stats(ckpt.spec, rounded, tokens)
+    del rounded, ref  # the float64 weights, before the off-sphere copies are made
     if has_unit_norm_weights(ckpt.spec):
         out.perturbed = _frozen(perturb(ckpt.spec, ckpt.params, case.seed))
         rounded = {n: round_to_dtype(a, dtype) for n, a in out.perturbed.items()}
@@ -131,13 +133,13 @@ def reference_run(case: Case, dtype: str) -> Reference:
 
 
 def backend_run(backend: Backend, ref: Reference, dtype: str, device: str) -> Run:
+    """One pass of the backend's model: the logits checked are those of its loss's forward, and the
+    residual statistics (SPEC.md 18.4, architecture gpt2) come with them where the backend can."""
     start = time.perf_counter()
     model = backend.build(ref.spec, ref.params, dtype, device)
-    logits = backend.forward(model, ref.tokens)
-    lg = backend.loss_and_grads(model, ref.tokens, ref.targets, ref.draws)
-    run = Run(logits, lg.loss, lg.grads, time.perf_counter() - start)
-    if ref.spec.architecture == "gpt2":  # SPEC.md 18.4
-        run.stats = backend.residual_stats(model, ref.tokens)
+    lg = backend.loss_and_grads(model, ref.tokens, ref.targets, ref.draws, stats=ref.spec.architecture == "gpt2")
+    run = Run(lg.logits, lg.loss, lg.grads, time.perf_counter() - start, stats=lg.stats)
+    del model, lg  # one model's weights at a time: this one goes before the off-sphere one is built
     if ref.perturbed is not None:
         model = backend.build(ref.spec, ref.perturbed, dtype, device)
         backend.normalize(model)
@@ -157,6 +159,13 @@ def cached_run(backend: Backend, case: Case, ref: Reference, dtype: str, device:
             _runs.clear()
         _runs[key] = backend_run(backend, ref, dtype, device)
     return _runs[key]
+
+
+def release() -> None:
+    """Forget the cached runs and the reference of the last (case, dtype): when the suite moves on,
+    their gradients and the float64 answers need not live on beside the next case's."""
+    _runs.clear()
+    reference_run.cache_clear()
 
 
 # SPEC.md 9: the early-exit loss and its gradients are worse conditioned than the cross-entropy (their
@@ -208,6 +217,17 @@ def memory_gap(case: Case) -> str | None:
     return None
 
 
+def backend_gap(backend: Backend, spec, dtype: str, dev: str) -> tuple[str, str] | None:
+    """(status, message) when `backend` cannot run `spec` in `dtype` on `dev` (a gap in the table, not a
+    failure): "not implemented" for an option it lacks, "unsupported" for a dtype its device lacks; else None."""
+    missing = backend.unsupported(spec)
+    if missing:
+        return "not implemented", missing
+    if dtype not in backend.dtypes(dev):
+        return "unsupported", f"{backend.name} does not run {dtype} on {dev}"
+    return None
+
+
 # on_start(case_id, subject, dtype): called before each long step (the reference, each backend), for progress
 OnStart = Callable[[str, str, str], None]
 
@@ -244,11 +264,9 @@ def run_case(
     for backend in backends:
         dev = device or backend.devices()[0]
         out = Outcome(case.id, backend.name, dev, dtype, "ran", synthetic=case.synthetic)
-        missing = backend.unsupported(spec)
-        if missing:
-            out.status, out.message = "not implemented", missing
-        elif dtype not in backend.dtypes(dev):
-            out.status, out.message = "unsupported", f"{backend.name} does not run {dtype} on {dev}"
+        gap = backend_gap(backend, spec, dtype, dev)
+        if gap:
+            out.status, out.message = gap
         else:
             try:
                 started(case.id, backend.name, dtype)
@@ -294,4 +312,5 @@ def run(
             outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
             if case in generating:
                 outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+            release()
     return outcomes

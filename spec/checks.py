@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .config import ModelSpec
 from .errors import BackendError, InputError, WeightsError
-from .params import param_shapes
+from .params import param_shapes, param_table
 
 # The target value that SPEC.md's loss skips (same as torch and Hugging Face).
 IGNORE_INDEX = -100
@@ -120,10 +120,47 @@ def check_tokens_array(spec: ModelSpec, tokens, name: str = "tokens") -> None:
     check_tokens(spec, t.shape, is_int, lo, hi, name)
 
 
+def table_size(spec: ModelSpec) -> tuple[int, int]:
+    """(tensors, elements) of `spec`'s parameter table, without building it for the claimed n_layer:
+    both grow linearly with n_layer, so a one- and a two-layer table give them. A ModelSpec read from a
+    file may claim any n_layer (10**30 is a valid int), and the table itself is O(n_layer)."""
+    def size(s: ModelSpec) -> tuple[int, int]:
+        table = param_table(s)
+        return len(table), sum(_prod(p.shape) for p in table)
+
+    if spec.n_layer <= 2:
+        return size(spec)
+    (t1, e1), (t2, e2) = size(spec.replace(n_layer=1)), size(spec.replace(n_layer=2))
+    extra = spec.n_layer - 1
+    return t1 + extra * (t2 - t1), e1 + extra * (e2 - e1)
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def check_claim(spec: ModelSpec, held_tensors: int, source: str) -> None:
+    """SPEC.md 8: a file's ModelSpec may not claim more tensors than the file can hold. Checked before
+    anything proportional to the claim is built (the parameter table, the per-tensor comparison), so a
+    lying n_layer fails in microseconds. The slack lets an honest near-miss (a tensor or a layer
+    missing) reach check_state_shapes, whose listing names the tensors, at a cost bounded by the file."""
+    claimed, _ = table_size(spec)
+    if claimed > 2 * held_tensors + 64:
+        raise WeightsError(
+            f"{source}: its ModelSpec (n_layer={spec.n_layer}, n_embd={spec.n_embd}, vocab_size={spec.vocab_size}) "
+            f"claims {claimed:,} tensors, but the file holds {held_tensors:,}; refusing to trust the claim"
+        )
+
+
 def check_state_shapes(
     spec: ModelSpec, shapes: Mapping[str, Sequence[int]], source: str
 ) -> None:
-    """A state (name -> shape) must hold exactly the canonical parameters, each of its shape."""
+    """A state (name -> shape) must hold exactly the canonical parameters, each of its shape. The
+    claim is bounded by the state's own size first (check_claim)."""
+    check_claim(spec, len(shapes), source)
     check_shapes(param_shapes(spec), shapes, source)
 
 

@@ -118,3 +118,14 @@ def group_conformance_tests(items) -> None:
 def pytest_collection_modifyitems(config, items):
     deselect_other_variants(config, items)
     group_conformance_tests(items)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Character-level token shards of the vendored Shakespeare slice (`gptspec data prepare
+    shakespeare-slice --tokenizer char`), shared read-only by the training tests."""
+    from gptspec.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "shk_char"
+    prepare(["shakespeare-slice"], out, tokenizer="char")
+    return out

@@ -88,6 +88,19 @@ def native(backend_name: str, array: np.ndarray):
     raise NotImplementedError(f"tests/helpers.py has no native tensor for backend {backend_name!r}: add it here")
 
 
+def from_native(backend_name: str, x) -> np.ndarray:
+    """A framework's tensor as float32 numpy (what a user would do to look at it)."""
+    if backend_name == "torch":
+        return x.detach().float().cpu().numpy()
+    if backend_name == "mlx":
+        import mlx.core as mx
+
+        return np.asarray(x.astype(mx.float32))
+    if backend_name == "tinygrad":
+        return x.float().numpy()
+    raise NotImplementedError(f"tests/helpers.py cannot read a tensor of backend {backend_name!r}: add it here")
+
+
 def seed_framework(backend_name: str, seed: int) -> None:
     """Seed the framework's own random initialization."""
     if backend_name == "torch":

@@ -81,7 +81,9 @@ def test_the_temporary_file_is_beside_the_destination_and_replaces_it(tmp_path):
     dest = tmp_path / "f.bin"
     dest.write_bytes(b"old")
     with atomic_write(dest) as tmp:
-        assert tmp.parent == dest.parent and tmp.name.startswith("f.bin.") and tmp.name.endswith(".partial")
+        # in a hidden staging directory beside it, named so that a later run recognises its own leftovers
+        assert tmp.parent.parent == dest.parent and tmp.name == "f.bin"
+        assert tmp.parent.name.startswith(".f.bin.gptspec-") and tmp.parent.name.endswith(".partial")
         assert tmp.exists() and tmp.read_bytes() == b""  # a fresh empty file, not the destination
         tmp.write_bytes(b"new")
         assert dest.read_bytes() == b"old"  # readers see the old file until the body finishes

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from helpers import (
-    NGPT_VARIANTS, assert_close, ids, native, native_class, rel_l2, seed_framework, variant_spec,
+    NGPT_VARIANTS, assert_close, from_native, ids, native, native_class, rel_l2, seed_framework, variant_spec,
 )
 
 from gptspec import backends
@@ -78,6 +78,31 @@ def test_the_native_model_names_shape_dtype_and_length(backend, tokens, message)
     _, _, model = built(backend)
     with pytest.raises(InputError, match=message):
         model(native(backend.name, tokens))
+
+
+@pytest.mark.parametrize("variant, bad", [("gpt2", "vocab_size"), ("gpt2", "padded"), ("gpt2", -1),
+                                          ("ngpt-seed", "vocab_size"), ("ngpt-seed", -1)])
+def test_the_native_model_turns_an_id_out_of_range_into_nan(backend, variant, bad):
+    """SPEC.md 6: the native call cannot raise on a value without a device sync (nor at all under
+    mx.compile or TinyJit), and a gather out of range gives plausible logits (a padded row, tinygrad's
+    zero row), so the embedding makes the ids outside [0, vocab_size) NaN; valid ids keep their logits."""
+    spec = variant_spec(variant, TINY.replace(vocab_multiple=64) if variant == "gpt2" else TINY)
+    model = backend.build(spec, synthetic_params(spec, 0, "conformance"))
+    bad_id = {"vocab_size": spec.vocab_size, "padded": spec.padded_vocab_size - 1}.get(bad, bad)
+    logits = from_native(backend.name, model(native(backend.name, np.array([[1, 2, bad_id, 3]]))))
+    assert np.isnan(logits[0, 2]).all()
+    good = from_native(backend.name, model(native(backend.name, np.array([[1, 2, 4, 3]]))))
+    assert np.isfinite(good).all()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "uint8", "uint16", "uint32", "uint64"])
+def test_the_native_model_takes_every_integer_dtype(backend, dtype):
+    """SPEC.md 6: any integer dtype is an integer array; each framework gathers with its own index type."""
+    spec, _, model = built(backend)
+    tokens = ids(spec, (2, 5)) % 127  # fits int8
+    want = backend.forward(model, tokens.astype(np.int64))
+    got = from_native(backend.name, model(native(backend.name, tokens.astype(dtype))))
+    np.testing.assert_array_equal(got[..., :spec.vocab_size], want)
 
 
 def test_the_native_model_refuses_tokens_past_its_cache(backend):

@@ -180,6 +180,7 @@ def test_a_selection_that_matches_nothing_is_an_error(capsys, no_real_weights):
 def test_real_weights_are_looked_up_only_for_a_gpt2_case(capsys, no_real_weights):
     pytest.importorskip("torch")
     from gptspec.cli.conformance import _selection
+    from gptspec.conformance.trained import TrainedCase
 
     for argv, mentioned in ((["--only", "gpt2"], True), ([], True), (["--only", "test-tiny"], False),
                             (["--variant", "softmax1"], False), (["--variant", "softmax1", "--tier", "heavy"], False)):
@@ -187,7 +188,8 @@ def test_real_weights_are_looked_up_only_for_a_gpt2_case(capsys, no_real_weights
         _, suite, _, weights_name = _selection(args)
         out = capsys.readouterr().out
         assert ("Real GPT-2 weights not found" in out) == mentioned, (argv, out)
-        assert weights_name is None and all(c.synthetic for c in suite)
+        # no real GPT-2 case: every case is synthetic but the shipped trained one (conformance/trained.py)
+        assert weights_name is None and all(c.synthetic or isinstance(c, TrainedCase) for c in suite)
 
 
 def test_a_variant_run_does_not_mention_real_weights(capsys, no_real_weights):

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from itertools import combinations
 
+import numpy as np
 import pytest
 
 from gptspec import backends
 from gptspec.conformance import cases, run_case
 from gptspec.conformance.report import failure_text
 from gptspec.conformance.runner import GAPS
-from gptspec.spec import DTYPES
-from gptspec.spec.variants import VARIANTS
+from gptspec.spec import DTYPES, ModelSpec, SpecError
+from gptspec.spec.variants import VARIANTS, get_variant
+from gptspec.weights import synthetic_params
 
 
 def _selection(config):
@@ -58,3 +60,16 @@ def test_backends_agree(case, dtype, pair, request):
     if not pairwise:
         pytest.skip("; ".join(o.message for o in outcomes if o.message))
     assert all(o.ok for o in outcomes), failure_text(outcomes)
+
+
+@pytest.mark.variant("ngpt")
+def test_the_one_pass_asks_statistics_of_gpt2_only(request):
+    """loss_and_grads(stats=True) is defined where residual_stats is (SPEC.md 18.4): a SpecError for nGPT,
+    before any computation, from every backend."""
+    spec = get_variant("ngpt").apply(ModelSpec.preset("test-tiny"))
+    tokens = np.zeros((1, 4), np.int64)
+    for name in request.config.getoption("--backend") or backends.available():
+        backend = backends.get(name)
+        model = backend.build(spec, synthetic_params(spec, 0, "conformance"))
+        with pytest.raises(SpecError, match="residual_stats are defined for architecture='gpt2'"):
+            backend.loss_and_grads(model, tokens, tokens, stats=True)

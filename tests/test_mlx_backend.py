@@ -113,6 +113,17 @@ def test_compiled_model_gives_the_same_logits(variant):
     assert mx.allclose(mx.compile(model)(tokens), model(tokens), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "ngpt-seed"])
+def test_an_id_out_of_range_gives_nan_under_mx_compile_too(variant):
+    """SPEC.md 6 (tests/test_backend_contract.py has the plain call): mx.compile traces the embedding's
+    NaN for ids outside [0, vocab_size), so a compiled model cannot return logits for them either."""
+    spec = get_variant(variant).apply(SPEC)
+    compiled = mx.compile(get("mlx").build(spec, synthetic_params(spec, 0, "conformance")))
+    for bad in (spec.vocab_size, -1):
+        assert np.isnan(np.array(compiled(mx.array([[1, 2, bad, 3]])))[0, 2]).all()
+    assert np.isfinite(np.array(compiled(mx.array([[1, 2, 4, 3]])))).all()
+
+
 def test_unavailable_device_is_refused(weights_file):
     if not mx.is_available(mx.gpu):
         with pytest.raises(BackendError, match="no GPU"):

@@ -121,6 +121,41 @@ def test_jit_replays_give_fresh_answers(tiny):
     assert [j.cnt for j in tg._jits[tiny].values()] == [4, 4]  # both jits replayed
 
 
+@needs_device
+def test_one_pass_gives_the_loss_gradients_and_statistics_of_one_forward():
+    """loss_and_grads(stats=True), the conformance runner's one pass: the residual statistics come from
+    the loss's own forward, in one jit, and every answer is still the reference's."""
+    params = synthetic_params(TINY, 0, "conformance")
+    model = BACKEND.build(TINY, frozen(dict(params)))
+    tokens, targets = ids(TINY, (3, 16), seed=30), ids(TINY, (3, 16), seed=31)
+    got = BACKEND.loss_and_grads(model, tokens, targets, stats=True)
+    ref = reference.loss_and_grads(TINY, params, tokens, targets)
+    assert_close(got.logits, ref.logits, "logits", "logits")
+    assert_close(got.loss, ref.loss, "loss", "loss")
+    assert list(got.grads) == [p.name for p in param_table(TINY)]
+    for name, g in got.grads.items():
+        assert_close(g, ref.grads[name], "grads", name)
+    want = reference.residual_stats(TINY, params, tokens)
+    assert sorted(got.stats) == sorted(want)
+    for name, value in want.items():
+        assert_close(got.stats[name], value, "stats", f"residual {name}")
+    assert list(tg._jits[model]) == [(tg._loss_grads_and_stats, (tokens.shape,))]  # no second forward
+
+
+def test_beam_search_only_when_asked_and_only_inside_the_backends_calls(monkeypatch, tiny):
+    from tinygrad.helpers import BEAM
+
+    width_seen = tg.searched(lambda: BEAM.value)
+    default = BEAM.value
+    monkeypatch.delenv(tg.BEAM_VARIABLE, raising=False)
+    assert tg.beam_width() == 0 and width_seen() == default  # off: tinygrad's own setting stands
+    monkeypatch.setenv(tg.BEAM_VARIABLE, "2")
+    assert width_seen() == 2 and BEAM.value == default
+    monkeypatch.setenv(tg.BEAM_VARIABLE, "two")
+    with pytest.raises(BackendError, match="GPTSPEC_TINYGRAD_BEAM must be a whole number >= 0.*got 'two'"):
+        BACKEND.forward(tiny, ids(TINY, (3, 16)))  # the hooks read it, before any kernel runs
+
+
 @pytest.mark.parametrize("name, expected", [("cpu", "CPU"), ("CPU", "CPU"), ("cuda", "CUDA"), ("cuda:0", "CUDA"),
                                             ("cuda:1", "CUDA:1"), ("NV", "NV"), ("metal", "METAL"), ("mps", "METAL")])
 def test_device_names_map_onto_tinygrads(name, expected):

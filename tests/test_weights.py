@@ -335,7 +335,7 @@ def test_hugging_face_cache_snapshot(no_weights, params):
 def test_synthetic_names_are_checked():
     with pytest.raises(WeightsError, match="synthetic:<preset>"):
         load_checkpoint("synthetic:gpt5")
-    with pytest.raises(WeightsError, match="seed must be an integer"):
+    with pytest.raises(WeightsError, match="seed must be a non-negative integer"):
         load_checkpoint("synthetic:test-tiny:x")
 
 

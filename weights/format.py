@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
-import struct
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -36,11 +37,13 @@ class Checkpoint:
     """A model's spec and weights in canonical names and layouts.
 
     `params` are numpy float32 (float16 for float16 files; bfloat16 files are widened to
-    float32, which is exact) and `stored_dtype` says what the file held.
+    float32, which is exact) and `stored_dtype` says what the file held. Read from a safetensors file
+    (canonical or Hugging Face), `params` is a MappedTensors: each array is a read-only view of the
+    mapped file, made when asked for and unmapped when dropped (weights/format.py).
     """
 
     spec: ModelSpec
-    params: dict[str, np.ndarray]
+    params: Mapping[str, np.ndarray]
     stored_dtype: str = "float32"
     source: str = "memory"
     synthetic: bool = False
@@ -68,8 +71,17 @@ def fingerprint(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> str:
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+    # in place, one temporary: loading casts whole checkpoints through here (2-4x faster than the plain form)
+    rounded = u >> 16
+    rounded &= np.uint32(1)
+    rounded += u
+    rounded += np.uint32(0x7FFF)  # wraps modulo 2**32 as the plain form did; NaN is replaced below
+    rounded >>= 16
+    bits = rounded.astype(np.uint16)
+    nan = np.isnan(u.view(np.float32))
+    if nan.any():
+        bits[nan] = np.uint16(0x7FC0)
+    return bits
 
 
 def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
@@ -139,17 +151,119 @@ def save(
 
 
 # -- reading ---------------------------------------------------------------------------
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-    """All tensors of a safetensors file as numpy (bfloat16 widened), its metadata, and its dtype.
+_NUMPY_CODES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
-    Raises WeightsError naming the file for a missing, truncated or corrupt file, and for a
-    tensor whose dtype is not a float type of the spec.
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor lies in an open file, and how it becomes its canonical array."""
+
+    file: "_OpenFile"
+    offset: int       # bytes from the start of the file
+    code: str         # safetensors dtype: F32, F16 or BF16
+    shape: tuple[int, ...]
+    transposed: bool = False  # a Hugging Face Conv1D weight: the canonical array is its transpose
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transposed else self.shape
+
+    def array(self) -> np.ndarray:
+        """The tensor as a read-only numpy view of a mapping of its bytes (bfloat16 widened to a new
+        float32 array): the pages are read when touched and unmapped when the array is dropped."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count == 0:
+            stored = np.zeros(self.shape, _NUMPY_CODES[self.code])
+        else:
+            stored = self.file.view(self.offset, count, _NUMPY_CODES[self.code]).reshape(self.shape)
+        if self.code == "BF16":
+            stored = from_bfloat16_bits(stored)
+        return stored.T if self.transposed else stored
+
+
+class _OpenFile:
+    """An open descriptor of a weights file. Mappings are made from it, never from the path, so a file
+    replaced on disk after it was checked (weights/atomic.py renames the new one in) never mixes with it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self.fd)
+
+    def view(self, offset: int, count: int, dtype: str) -> np.ndarray:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        nbytes = count * np.dtype(dtype).itemsize
+        mapped = mmap.mmap(self.fd, offset - start + nbytes, offset=start, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start)
+
+
+class MappedTensors(Mapping):
+    """Tensors of weights files, read on access: `m[name]` is a read-only numpy array over a memory
+    mapping of the file (a transposed view for a Hugging Face Conv1D weight; bfloat16 widened to a new
+    float32 array), unmapped once the caller drops it. So a backend that builds its tensors one at a
+    time holds at most one source tensor at once, and nothing of the file stays resident after the
+    build. While an array of a tensor is alive, `m[name]` returns that same array."""
+
+    def __init__(self, stored: Mapping[str, _Stored]):
+        self._stored = dict(stored)
+        self._alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self._alive.get(name)
+        if array is None:
+            array = self._stored[name].array()
+            self._alive[name] = array
+        return array
+
+    def __iter__(self):
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __repr__(self) -> str:
+        files = sorted({str(s.file.path) for s in self._stored.values()})
+        return f"MappedTensors({len(self)} tensors of {', '.join(files)})"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape as `m[name]` gives it, without mapping anything."""
+        return {n: s.canonical_shape for n, s in self._stored.items()}
+
+    @property
+    def materialized(self) -> list[str]:
+        """The tensors whose arrays are alive now (held by someone)."""
+        return list(self._alive.keys())
+
+    def renamed(self, names: Mapping[str, tuple[str, bool]]) -> "MappedTensors":
+        """A new mapping: new name -> (this mapping's name, whether to transpose it)."""
+        return MappedTensors({
+            new: replace(self._stored[old], transposed=self._stored[old].transposed != transpose)
+            for new, (old, transpose) in names.items()
+        })
+
+    def merged(self, other: "MappedTensors") -> "MappedTensors":
+        return MappedTensors({**self._stored, **other._stored})
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[MappedTensors, dict[str, str], str]:
+    """The tensors of a safetensors file, mapped (MappedTensors: nothing is read until a tensor is used),
+    its metadata, and its dtype.
+
+    safetensors validates the header (offsets inside the file, no overlap, sizes that match the shapes)
+    before anything is mapped. Raises WeightsError naming the file for a missing, truncated or corrupt
+    file, and for a tensor whose dtype is not a float type of the spec.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        file = _OpenFile(path)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be opened: {e}") from None
+    try:
+        # the descriptor's own file: the one that is mapped below is the one safetensors checked
+        with safe_open(f"/dev/fd/{file.fd}" if os.path.isdir("/dev/fd") else str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             names = list(f.keys())
             codes = {n: f.get_slice(n).get_dtype() for n in names}
@@ -159,30 +273,31 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 raise WeightsError(
                     f"{path}: tensors must be F32, F16 or BF16; found {shown}"
                 )
-            tensors = {n: f.get_tensor(n) for n in names if codes[n] != "BF16"}
     except SafetensorError as e:
         raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if any(c == "BF16" for c in codes.values()):
-        tensors.update(_read_bf16(path, [n for n in names if codes[n] == "BF16"]))
+    header_length = int.from_bytes(os.pread(file.fd, 8, 0), "little")
+    header = json.loads(os.pread(file.fd, header_length, 8))  # already validated by safetensors
+    stored = {
+        n: _Stored(file, 8 + header_length + header[n]["data_offsets"][0], codes[n], tuple(header[n]["shape"]))
+        for n in names
+    }
     dtypes = {STORED_DTYPES[c] for c in codes.values()}
-    stored = dtypes.pop() if len(dtypes) == 1 else "mixed"
-    return {n: tensors[n] for n in names}, metadata, stored
+    kind = dtypes.pop() if len(dtypes) == 1 else "mixed"
+    return MappedTensors(stored), metadata, kind
 
 
-def _read_bf16(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    # numpy has no bfloat16: read the raw bits at the offsets the (already validated) header gives.
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        start = 8 + n
-        out = {}
-        for name in names:
-            info = header[name]
-            begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            bits = np.frombuffer(f.read(end - begin), dtype="<u2").reshape(info["shape"])
-            out[name] = from_bfloat16_bits(bits)
-    return out
+def check_finite(params: Mapping[str, np.ndarray], source: str) -> None:
+    """SPEC.md 8: a checkpoint read from a file holds finite weights only. A NaN must not reach the
+    suite as weights: torch's CPU attention turns a NaN query into zeros, so it would hide there while
+    the reference and the other backends show it (tests/test_hostile_files.py pins that behaviour).
+    Negative controls that need a NaN on purpose build their model in memory (a Checkpoint, or
+    Backend.build with the parameters), which does not pass through here."""
+    for name, a in params.items():
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise WeightsError(f"{source}: tensor {name!r} holds {bad:,} NaN or Inf value(s) of {finite.size:,}; "
+                               "a checkpoint's weights must be finite")
 
 
 def is_canonical(metadata: Mapping[str, str]) -> bool:
@@ -207,8 +322,10 @@ def read(path: str | os.PathLike) -> Checkpoint:
         spec = ModelSpec.from_json(metadata["model_spec"])
     except SpecError as e:
         raise WeightsError(f"{path}: its model_spec metadata is invalid: {e}") from None
-    check_state_shapes(spec, {n: a.shape for n, a in tensors.items()}, str(path))
+    check_state_shapes(spec, tensors.shapes, str(path))
+    params = tensors.renamed({p.name: (p.name, False) for p in param_table(spec)})
+    check_finite(params, str(path))
     return Checkpoint(
-        spec=spec, params={p.name: tensors[p.name] for p in param_table(spec)}, stored_dtype=stored, source=str(path),
+        spec=spec, params=params, stored_dtype=stored, source=str(path),
         synthetic=metadata.get("synthetic") == "true", metadata=metadata,
     )

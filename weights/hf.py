@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Mapping
 
 import numpy as np
 
 from ..spec import ModelSpec, SpecError, WeightsError, param_table
-from ..spec.checks import check_shapes, check_state_shapes
-from .atomic import atomic_write
-from .format import Checkpoint, read_safetensors, write_safetensors
+from ..spec.checks import check_claim, check_shapes, check_state_shapes
+from .atomic import atomic_files
+from .format import Checkpoint, MappedTensors, check_finite, read_safetensors, write_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -30,13 +30,16 @@ def spec_from_config(config: Mapping, source: str) -> ModelSpec:
     def fail(why):
         raise WeightsError(f"{source}: {why}")
 
+    if not isinstance(config, dict):
+        fail(f"holds a JSON {type(config).__name__}, not the object of a Hugging Face config")
     if config.get("model_type", "gpt2") != "gpt2":
         fail(f"model_type is {config.get('model_type')!r}, not 'gpt2'")
     act = config.get("activation_function", "gelu_new")
     if act not in _TANH_GELUS:
         fail(f"activation_function {act!r} is not GPT-2's tanh GELU ({' or '.join(_TANH_GELUS)})")
     n_embd = config.get("n_embd")
-    if config.get("n_inner") not in (None, 4 * (n_embd or 0)):
+    four_wide = 4 * n_embd if isinstance(n_embd, int) else None  # a non-int n_embd is ModelSpec's to name
+    if config.get("n_inner") not in (None, four_wide):
         fail(f"n_inner {config.get('n_inner')} is not 4 * n_embd; the spec's MLP is 4x wide")
     for key, gpt2_value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                             ("tie_word_embeddings", True), ("add_cross_attention", False)):
@@ -109,16 +112,43 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_any(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def shard_paths(index: Path) -> list[Path]:
+    """The weight files a shard index (`*.index.json`) names, each checked to lie inside the index's
+    directory (no absolute path, no '..') and to be a weights file of the index's kind, never another
+    index. WeightsError naming the entry otherwise."""
+    try:
+        weight_map = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+    if isinstance(weight_map, dict):
+        weight_map = weight_map.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index}: not a valid shard index: its 'weight_map' must be a non-empty JSON object "
+                           f"of tensor name -> shard file, got {type(weight_map).__name__}")
+    kind = ".safetensors" if index.name.endswith(".safetensors.index.json") else ".bin"
+    entries = {}
+    for entry, name in weight_map.items():
+        if not isinstance(name, str):
+            raise WeightsError(f"{index}: weight_map[{entry!r}] is {name!r}, not a shard file name")
+        entries.setdefault(name, entry)
+    out = []
+    for name, entry in sorted(entries.items()):
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not name or os.path.isabs(name) or PureWindowsPath(name).drive or ".." in parts:
+            raise WeightsError(f"{index}: weight_map[{entry!r}] names {name!r}, outside the checkpoint directory "
+                               f"{index.parent}; a shard must lie inside it")
+        if not name.endswith(kind) or name.endswith(".index.json"):
+            raise WeightsError(f"{index}: weight_map[{entry!r}] names {name!r}, not a {kind} weights file")
+        out.append(index.parent / name)
+    return out
+
+
+def _read_any(path: Path) -> tuple[Mapping[str, np.ndarray], dict[str, str], str]:
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: not a valid shard index ({e})") from None
-        tensors, metadata, dtypes = {}, {}, set()
-        for shard in sorted(set(weight_map.values())):
-            t, m, d = _read_any(path.parent / shard)
-            tensors.update(t)
+        tensors, metadata, dtypes = MappedTensors({}), {}, set()
+        for shard in shard_paths(path):
+            t, m, d = _read_any(shard)
+            tensors = tensors.merged(t)
             metadata.update(m)
             dtypes.add(d)
         return tensors, metadata, dtypes.pop() if len(dtypes) == 1 else "mixed"
@@ -148,29 +178,34 @@ def read_hf(path: str | os.PathLike) -> Checkpoint:
         )
     try:
         config = json.loads(config_path.read_text())
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise WeightsError(f"{config_path}: not valid JSON: {e}") from None
     spec = spec_from_config(config, str(config_path))
 
     raw, metadata, stored = _read_any(weights)
-    tensors = {}
-    for key, array in raw.items():
+    mapped = isinstance(raw, MappedTensors)
+    shapes = raw.shapes if mapped else {k: a.shape for k, a in raw.items()}
+    keys = {}  # canonical-ish name (prefix dropped) -> the file's key
+    for key in shapes:
         name = key.removeprefix("transformer.")
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        tensors[name] = array
-    head = tensors.pop("lm_head.weight", None)
-    check_shapes(hf_shapes(spec), {n: a.shape for n, a in tensors.items()}, f"{weights} (Hugging Face layout)")
+        if not name.endswith(_IGNORED_SUFFIXES):
+            keys[name] = key
+    head_key = keys.pop("lm_head.weight", None)
+    check_claim(spec, len(keys), str(weights))  # before hf_shapes builds the claimed table
+    check_shapes(hf_shapes(spec), {n: shapes[k] for n, k in keys.items()}, f"{weights} (Hugging Face layout)")
     # compare the tied head after shapes are known to match
-    if head is not None and not np.array_equal(head, tensors["wte.weight"]):
+    if head_key is not None and not np.array_equal(raw[head_key], raw[keys["wte.weight"]]):
         raise WeightsError(
             f"{weights}: lm_head.weight differs from wte.weight; the spec's LM head is tied to the embedding"
         )
-    transposed = {p.name for p in param_table(spec) if p.hf_transposed}
-    params = {
-        p.name: np.ascontiguousarray(tensors[p.name].T) if p.name in transposed else tensors[p.name]
-        for p in param_table(spec)
-    }
+    if mapped:  # views of the mapped file, Conv1D weights as transposed views: nothing is copied here
+        params = raw.renamed({p.name: (keys[p.name], p.hf_transposed) for p in param_table(spec)})
+    else:
+        params = {
+            p.name: np.ascontiguousarray(raw[keys[p.name]].T) if p.hf_transposed else raw[keys[p.name]]
+            for p in param_table(spec)
+        }
+    check_finite(params, str(weights))
     return Checkpoint(
         spec=spec, params=params, stored_dtype=stored, source=str(weights),
         synthetic=metadata.get("synthetic") == "true" or config.get("gptspec_synthetic") is True,
@@ -197,7 +232,6 @@ def write_hf(
                            "(SPEC.md 19); write a canonical gptspec file instead (gptspec.weights.save)")
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "parameters to export")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         "transformer." + p.name: np.ascontiguousarray(np.asarray(params[p.name]).T) if p.hf_transposed
         else params[p.name]
@@ -208,9 +242,9 @@ def write_hf(
     config = config_from_spec(spec)
     if synthetic:
         config["gptspec_synthetic"] = True
-    # config.json is renamed into place only once the weights are complete too, so a failed write
-    # leaves neither file changed (and the two renames follow each other at once)
-    with atomic_write(directory / "config.json") as config_tmp:
-        config_tmp.write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(directory / "model.safetensors", tensors, dtype, metadata)
+    # both files are published together, config.json last (weights/atomic.py): a reader never sees new
+    # weights beside an old config, and a failed write leaves the directory as it was
+    with atomic_files(directory, ["model.safetensors", "config.json"]) as tmp:
+        write_safetensors(tmp["model.safetensors"], tensors, dtype, metadata)
+        tmp["config.json"].write_text(json.dumps(config, indent=2) + "\n")
     return directory

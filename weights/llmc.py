@@ -32,13 +32,16 @@ import numpy as np
 from ..spec import OPTIONS, ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
 from .atomic import atomic_write
-from .format import Checkpoint, _encode, from_bfloat16_bits
+from .format import Checkpoint, _encode, check_finite, from_bfloat16_bits
 
 MAGIC = 20240326
 VERSIONS = {3: "float32", 5: "bfloat16"}
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 PAD_MULTIPLE = 128
+# The least average size of a tensor an llm.c file may claim, in bytes (GPT-2's is 3 MiB; test-tiny's,
+# in bfloat16, about 190)
+MIN_TENSOR_BYTES = 64
 # other llm.c files that start with a magic of their own: named in the error when given one
 OTHER_MAGICS = {
     20240327: "an llm.c debug state file (gpt2_124M_debug_state.bin: inputs, logits, gradients)",
@@ -147,6 +150,16 @@ def read_header(path: str | os.PathLike) -> dict[str, int]:
             + ", ".join(f"{k} {v}" for k, v in fields.items())
             + f") makes {n:,} parameters = {expected:,} bytes, the file has {size:,}"
         )
+    # The header's few ints decide how many tensors the reader makes, each costing a few hundred bytes
+    # of bookkeeping whatever its size: a file must pay for them (SPEC.md 8), so that many layers of
+    # width 1 cannot make reading cost many times the file's size.
+    tensors = 4 + len(_LAYER_TENSORS) * fields["num_layers"]
+    if size - HEADER_BYTES < MIN_TENSOR_BYTES * tensors:
+        raise WeightsError(
+            f"{path}: its header claims {tensors:,} tensors (num_layers {fields['num_layers']}, channels "
+            f"{fields['channels']}) in {size - HEADER_BYTES:,} bytes of parameters, under {MIN_TENSOR_BYTES} bytes "
+            "a tensor; refusing a layout no GPT-2 has"
+        )
     fields["version"] = version
     fields["synthetic"] = int(h[_MARK_SLOT] == _MARK and h[_SYNTHETIC_SLOT] == 1)
     return fields
@@ -193,6 +206,7 @@ def read_llmc(path: str | os.PathLike, *, progress: Progress | None = None) -> C
             if progress:
                 progress(f"reading {path.name}", done, total)
     check_state_shapes(spec, {n: a.shape for n, a in params.items()}, str(path))
+    check_finite(params, str(path))
     return Checkpoint(
         spec=spec, params={p.name: params[p.name] for p in param_table(spec)}, stored_dtype=stored,
         source=str(path), synthetic=bool(hdr["synthetic"]),

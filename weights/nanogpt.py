@@ -45,7 +45,7 @@ import numpy as np
 from ..spec import ModelSpec, SpecError, WeightsError, canonical_dtype, param_table
 from ..spec.checks import check_state_shapes
 from .atomic import atomic_write
-from .format import Checkpoint, _encode
+from .format import Checkpoint, _encode, check_finite
 from .llmc import Progress, require_plain_gpt2
 
 PREFIX = "transformer."
@@ -212,6 +212,7 @@ def read_nanogpt(path: str | os.PathLike, *, progress: Progress | None = None) -
         done += t.numel() * t.element_size()
         if progress:
             progress(f"converting {path.name}", done, total)
+    check_finite(params, str(path))
     metadata = {"format": "nanoGPT"}
     for key in ("iter_num", "best_val_loss"):
         if key in obj:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from ..spec import PRESETS, ModelSpec, WeightsError
@@ -41,6 +42,8 @@ def read_path(path: str | os.PathLike, *, progress=None) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():  # a FIFO or a device would block or never end
+        raise WeightsError(f"{path}: not a regular file or a directory ({_kind(path)}); weights are read from files")
     if path.is_dir():
         weights = find_weights_file(path)
         if weights is None:
@@ -53,11 +56,11 @@ def read_path(path: str | os.PathLike, *, progress=None) -> Checkpoint:
         if weights.name == "model.safetensors" and not (path / "config.json").exists():
             return read(weights)
         return read_hf(path)
-    if path.suffix == ".safetensors":
+    kind = sniff(path)
+    if kind == "safetensors":
         # one cheap header read decides which layout it is
         _, metadata, _ = _header(path)
         return read(path) if is_canonical(metadata) else read_hf(path)
-    kind = sniff(path)
     if kind == "llmc":
         return read_llmc(path, progress=progress)
     if kind == "nanogpt":
@@ -65,14 +68,35 @@ def read_path(path: str | os.PathLike, *, progress=None) -> Checkpoint:
     return read_hf(path)
 
 
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _safetensors_header(head: bytes, size: int) -> bool:
+    """Whether `head` (a file's first 9 bytes) opens a safetensors file: a little-endian u64 header
+    length that fits the file, then the header's JSON object."""
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def sniff(path: Path) -> str:
-    """Which reader a file goes to, from its first bytes and its name: 'llmc' (an llm.c magic number,
-    or a .bin that is neither a torch file nor beside a config.json), 'nanogpt' (.pt/.pth/.ckpt, or a
-    torch file with no config.json beside it) or 'hf' (pytorch_model.bin beside its config.json)."""
+    """Which reader a file goes to, from its first bytes and its name: 'safetensors' (a .safetensors
+    name, or a safetensors header under any name), 'llmc' (an llm.c magic number, or a .bin that is
+    neither a torch file nor beside a config.json), 'nanogpt' (.pt/.pth/.ckpt, or a torch file with no
+    config.json beside it) or 'hf' (pytorch_model.bin beside its config.json)."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        first = f.read(9)
+    head = first[:4]
+    if path.suffix == ".safetensors":
+        return "safetensors"
     if len(head) == 4 and int.from_bytes(head, "little", signed=True) in (LLMC_MAGIC, *LLMC_OTHER_MAGICS):
         return "llmc"
+    if _safetensors_header(first, path.stat().st_size):
+        return "safetensors"
     if path.suffix in NANOGPT_SUFFIXES:
         return "nanogpt"
     torch_file = head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02"  # torch's zip or legacy pickle
@@ -139,7 +163,9 @@ def _synthetic(name: str) -> Checkpoint:
     try:
         seed = int(parts[2]) if len(parts) == 3 else 0
     except ValueError:
-        raise WeightsError(f"{name!r}: the seed must be an integer") from None
+        seed = -1
+    if seed < 0:
+        raise WeightsError(f"{name!r}: the seed must be a non-negative integer, got {parts[2]!r}")
     spec = ModelSpec.preset(preset)
     return Checkpoint(
         spec=spec, params=synthetic_params(spec, seed, "gpt2"), source=f"synthetic:{preset}:{seed}",
@@ -190,7 +216,7 @@ def load_checkpoint(source, *, progress=None) -> Checkpoint:
     text = os.fspath(source)
     if text.startswith("synthetic:"):
         return _synthetic(text)
-    if os.path.exists(text) or (_looks_like_path(text) and not _REPO_ID.fullmatch(text)):
+    if os.path.exists(text) or names_a_path(text):
         return read_path(text, progress=progress)  # a path that does not exist is reported as such
     return read_path(locate(text), progress=progress)
 
@@ -198,5 +224,11 @@ def load_checkpoint(source, *, progress=None) -> Checkpoint:
 _REPO_ID = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # e.g. openai-community/gpt2
 
 
-def _looks_like_path(text: str) -> bool:
+def names_a_path(text: str) -> bool:
+    """Whether `text` is meant as a path (a separator or a weights suffix), not a name to look up (a
+    Hugging Face repo id such as openai-community/gpt2 is a name)."""
+    return looks_like_path(text) and not _REPO_ID.fullmatch(text)
+
+
+def looks_like_path(text: str) -> bool:
     return os.sep in text or "/" in text or text.endswith((".safetensors", ".bin", ".json", *NANOGPT_SUFFIXES))

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-from ..spec import ModelSpec, param_table
+from ..spec import ModelSpec, WeightsError, param_table
 from ..spec.params import ParamInfo, init_law, ngpt_scales
 
 INITS = ("gpt2", "conformance")
@@ -56,6 +56,9 @@ def _conformance(spec: ModelSpec, p: ParamInfo, rng) -> np.ndarray:
 
 def synthetic_params(spec: ModelSpec, seed: int = 0, init: str = "gpt2") -> dict[str, np.ndarray]:
     """Canonical float32 parameters, identical for the same (spec, seed, init) on any machine."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # numpy's SeedSequence takes non-negative integers only
+        raise WeightsError(f"the synthetic seed must be a non-negative integer, got {seed!r}")
     try:
         make = {"gpt2": _gpt2, "conformance": _conformance}[init]
     except KeyError:

@@ -116,7 +116,14 @@ class MLXBackend(Backend):
     def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev: mx.Device):
         # mx.array copies, so the model never aliases the caller's arrays (normalize() replaces its own).
         # astype rounds to nearest, ties to even, as SPEC.md section 7 asks (a test holds it to that).
-        model.load_weights([(n, mx.array(np.asarray(a)).astype(_DTYPES[dtype])) for n, a in params.items()])
+        # One tensor at a time, evaluated before the next: a float32 source cast to bfloat16 is freed at once,
+        # and a mapped checkpoint's array (weights/format.py MappedTensors) is dropped, so unmapped, as it goes.
+        weights = []
+        for name, array in params.items():
+            weights.append((name, mx.array(np.asarray(array)).astype(_DTYPES[dtype])))
+            mx.eval(weights[-1][1])
+            del array
+        model.load_weights(weights)
         mx.eval(model.parameters())
         return model.eval()
 

@@ -133,7 +133,7 @@ class GPT(nn.Module):
         block after the first reads its input through stop_gradient (loss="all_layers_local", SPEC.md 18.2)."""
         check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
-        x = self.wte(tokens) + self.wpe(mx.arange(n, n + tokens.shape[1]))
+        x = embed(self.spec, self.wte, tokens) + self.wpe(mx.arange(n, n + tokens.shape[1]))
         for i in range(self.spec.n_layer):
             if local and i > 0:
                 x = mx.stop_gradient(x)
@@ -204,6 +204,15 @@ def _is_int(a: mx.array) -> bool:
 
 def check_tokens(spec: ModelSpec, tokens: mx.array) -> None:
     check_token_layout(spec, tokens.shape, _is_int(tokens))
+
+
+def embed(spec: ModelSpec, wte: nn.Embedding, tokens: mx.array) -> mx.array:
+    """wte's rows for the ids, NaN for an id outside [0, vocab_size) (SPEC.md 6): a native call, compiled
+    or not, cannot raise on a value without a device sync, and a gather out of range is silently wrong."""
+    if tokens.dtype.size < 4:  # int8/uint8/int16/uint16: vocab_size need not fit their range
+        tokens = tokens.astype(mx.int32)
+    valid = (tokens >= 0) & (tokens < spec.vocab_size)
+    return mx.where(valid[..., None], wte(mx.clip(tokens, 0, spec.vocab_size - 1)), mx.array(float("nan"), wte.weight.dtype))
 
 
 def check_targets(tokens: mx.array, targets: mx.array) -> None:

@@ -17,7 +17,7 @@ from ...spec.params import ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import KVCache, cache_offset
 from .losses import cross_entropy
-from .model import check_draws, check_targets, check_tokens, init_from_spec
+from .model import check_draws, check_targets, check_tokens, embed, init_from_spec
 
 
 def justnorm(x: mx.array) -> mx.array:
@@ -151,7 +151,7 @@ class NGPT(nn.Module):
         check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
         with mx.stream(self.device):
-            h = self.wte(tokens)  # no position table: positions enter through RoPE, or not at all
+            h = embed(self.spec, self.wte, tokens)  # no position table: positions enter through RoPE, or not at all
             # RoPE at the absolute positions n .. n+T-1, not the index within this call
             cos_sin = None if self._rope is None else tuple(t[n : n + tokens.shape[1]].astype(h.dtype) for t in self._rope)
             for i, block in enumerate(self.h):

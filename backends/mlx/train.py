@@ -71,6 +71,9 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, train_spec: TrainSp
     n = len(micro_batches)
     with mx.stream(model.device):
         loss, grads = _accumulate(model, train_spec, micro_batches, draws, n)
+        parallel = getattr(model, "_data_parallel", None)
+        if parallel is not None:  # runs/distributed.py under mlx.launch: every rank's mean (SPEC.md 25)
+            grads = parallel.average(grads)
         norm = global_norm(grads)
         grads_to_apply = grads if train_spec.grad_clip is None else clip(grads, norm, train_spec.grad_clip)
         mx.eval(loss, norm)  # the divergence check reads them on the host before anything is applied
@@ -83,6 +86,40 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, train_spec: TrainSp
     return loss.item(), norm.item(), lr
 
 
+class _CompiledSteps:
+    """The mx.compile'd loss-and-gradient functions of one model, by (compute dtype, n, with draws).
+    A plain object, not a dict: an mlx Module would take a dict attribute into its parameter tree."""
+
+    def __init__(self):
+        self.functions = {}
+
+
+def enable_compile(model: nn.Module) -> None:
+    """Run each micro-batch's forward and backward through mx.compile from now on (`gptspec train
+    --compile`). The compiled function takes the master weights as an input, as the eager one does, so
+    it traces once per shape and replays; it fuses elementwise chains, which may round differently from
+    the eager graph (the trajectory bounds of SPEC.md 20.11 hold it, tests/test_train_run.py)."""
+    model._compiled_steps = _CompiledSteps()
+
+
+def _loss_and_grad(model, compute_dtype, n: int, with_draws: bool):
+    """mx.value_and_grad of a micro-batch's loss / n, compiled when enable_compile was called."""
+    def micro_batch_loss(params, tokens, targets, step_draws=None):
+        model.update(tree_map(lambda p: p.astype(compute_dtype), params))
+        return model.loss(tokens, targets, step_draws) / n  # nanoGPT's loss / grad_accum before backward
+
+    compiled = getattr(model, "_compiled_steps", None)
+    if compiled is None:
+        return mx.value_and_grad(micro_batch_loss)
+    key = (compute_dtype, n, with_draws)
+    if key not in compiled.functions:
+        # without draws the compiled function takes three arrays: mx.compile takes no None inputs
+        compiled.functions[key] = mx.compile(mx.value_and_grad(
+            micro_batch_loss if with_draws else (lambda params, tokens, targets:
+                                                 micro_batch_loss(params, tokens, targets))))
+    return compiled.functions[key]
+
+
 def _accumulate(model, train_spec, micro_batches, draws, n):
     """sum_k loss_k / n and its gradient, micro-batch by micro-batch, in float32 (SPEC.md 20.4).
 
@@ -91,17 +128,14 @@ def _accumulate(model, train_spec, micro_batches, draws, n):
     `astype` hands back float32 gradients of the masters (the bfloat16 ones, widened)."""
     compute_dtype = _COMPUTE_DTYPES[train_spec.precision]
     masters = model.trainable_parameters()
-
-    def micro_batch_loss(params, tokens, targets, step_draws):
-        model.update(tree_map(lambda p: p.astype(compute_dtype), params))
-        return model.loss(tokens, targets, step_draws) / n  # nanoGPT's loss / grad_accum before backward
-
-    loss_and_grad = mx.value_and_grad(micro_batch_loss)
+    loss_and_grad = _loss_and_grad(model, compute_dtype, n, draws is not None)
     loss, grads = mx.array(0.0), None
     try:
         for k, (tokens, targets) in enumerate(micro_batches):
-            step_draws = None if draws is None else mx.array(np.asarray(draws[k], np.float32))
-            value, g = loss_and_grad(masters, mx.array(tokens), mx.array(targets), step_draws)
+            inputs = (masters, mx.array(tokens), mx.array(targets))
+            if draws is not None:
+                inputs += (mx.array(np.asarray(draws[k], np.float32)),)
+            value, g = loss_and_grad(*inputs)
             loss = loss + value
             grads = g if grads is None else tree_map(mx.add, grads, g)
     finally:
@@ -132,3 +166,25 @@ def _require_float32_masters(model) -> None:
         raise BackendError(
             f"training needs float32 master weights (SPEC.md 20.9), but the model holds {sorted(dtypes)}: "
             "build it with dtype='float32'; TrainSpec(precision='mixed_bfloat16') computes in bfloat16")
+
+
+# -- data parallel (SPEC.md 25): mx.distributed under mlx.launch ----------------------------------------------
+class _DataParallel:
+    """The group a rank averages its gradients over. A plain object: an mlx Module would take a dict
+    attribute into its parameter tree."""
+
+    def __init__(self, group, fault=None):
+        self.group, self.fault = group, fault
+
+    def average(self, grads):
+        if self.fault is None:
+            return nn.average_gradients(grads, group=self.group)  # all_sum, then / W
+        kind, divisor = self.fault  # negative controls only (runs/distributed.py)
+        if kind == "skip_sync":
+            return grads
+        return tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / divisor, grads)
+
+
+def attach_group(model: nn.Module, group, fault=None) -> None:
+    """Average every step's gradients over `group` (mx.distributed.init()'s) with nn.average_gradients."""
+    model._data_parallel = _DataParallel(group, fault)

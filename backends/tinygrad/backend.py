@@ -9,6 +9,11 @@ Generation (`extend`, SPEC.md 12) keeps a KVCache (model.py) of n_positions per 
 a chunk of tokens runs eagerly at its concrete positions; a decoding step (one token per row) has the
 same shapes at every position, so it is one TinyJit per batch size, replayed with the position bound
 to a Variable, as tinygrad's own gpt2 example decodes.
+
+tinygrad keeps, within a process, the schedules and the generated kernels of every graph it has
+run, so a second model of the same shapes and dtype (the next seed, a check's fresh copy) reuses
+them; each jit here is keyed by model and shape for the repeated calls of one model. Kernels compile
+under BEAM search when GPTSPEC_TINYGRAD_BEAM=n asks for it (off by default; docs/tinygrad.md).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import weakref
 from typing import Mapping
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, UOp, nn
+from tinygrad import Context, Device, Tensor, TinyJit, UOp, nn
 from tinygrad.device import ALL_DEVICES
 from tinygrad.helpers import EMULATED_DTYPES
 
@@ -29,7 +34,7 @@ from ...spec import DTYPES, BackendError
 from ...spec.reference.training import TrainState
 from ..base import Backend, LossAndGrads, StepStats
 from .attention import KVCache
-from .model import GPT, LanguageModel, from_host
+from .model import GPT, STAT_NAMES, LanguageModel, from_host
 from .ngpt import NGPT
 from .train import configure_optimizer, load_moments, optimizer_moments, train_step
 
@@ -97,6 +102,35 @@ def ensure_bfloat16(dev: str) -> None:
         EMULATED_DTYPES.value = ",".join(emulated + ["bfloat16"])
 
 
+BEAM_VARIABLE = "GPTSPEC_TINYGRAD_BEAM"
+
+
+def beam_width() -> int:
+    """The BEAM search width the backend's calls compile with: $GPTSPEC_TINYGRAD_BEAM, 0 (off) when unset.
+    BEAM=n times candidate optimizations of each new kernel on the device and keeps the fastest; the
+    search runs once per kernel, and tinygrad's disk cache keeps its choice for later processes."""
+    raw = os.environ.get(BEAM_VARIABLE, "").strip()
+    if raw == "":
+        return 0
+    if not raw.isdigit():
+        raise BackendError(f"{BEAM_VARIABLE} must be a whole number >= 0 (tinygrad's BEAM search width; "
+                           f"0 or unset: off, 2: the usual choice), got {raw!r}")
+    return int(raw)
+
+
+def searched(hook):
+    """A backend hook whose kernels compile under BEAM search when $GPTSPEC_TINYGRAD_BEAM asks for it;
+    otherwise tinygrad's own setting (its BEAM variable) stands."""
+    @functools.wraps(hook)
+    def wrapper(*args, **kwargs):
+        width = beam_width()
+        if width == 0:
+            return hook(*args, **kwargs)
+        with Context(BEAM=width):
+            return hook(*args, **kwargs)
+    return wrapper
+
+
 # TinyJits per model and input shape. Kept beside the model, not on it: nn.state.get_state_dict would
 # find the captured Tensors; weak, so that a model's jits (and their buffers) die with it.
 _jits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -117,10 +151,20 @@ def _extend(ref, tokens: Tensor, kv: list[Tensor], start: int | UOp, last_only: 
 def _loss_and_grads(ref, tokens: Tensor, targets: Tensor, *draws: Tensor) -> tuple[Tensor, ...]:
     model = ref()
     loss, logits = model.loss_and_logits(tokens, targets, *draws)  # draws: loss="early_exit" only
+    return _with_grads(model, loss, logits.float())
+
+
+def _loss_grads_and_stats(ref, tokens: Tensor, targets: Tensor, *draws: Tensor) -> tuple[Tensor, ...]:
+    model = ref()
+    loss, logits, stats = model.loss_logits_and_stats(tokens, targets, *draws)
+    return _with_grads(model, loss, logits.float(), *stats.values())
+
+
+def _with_grads(model: LanguageModel, loss: Tensor, *outputs: Tensor) -> tuple[Tensor, ...]:
     # one realize for all: the forward runs once and the backward shares it (TinyJit realizes the returns together);
     # gradients in the state dict's (canonical) order, which loss_and_grads names them by
     grads = loss.gradient(*nn.state.get_state_dict(model).values())
-    return (loss, logits.float(), *(g.float() for g in grads))
+    return (loss, *outputs, *(g.float() for g in grads))
 
 
 def jit(model: LanguageModel, fn, *shapes) -> TinyJit:
@@ -130,6 +174,10 @@ def jit(model: LanguageModel, fn, *shapes) -> TinyJit:
     if (key := (fn, shapes)) not in per_model:
         per_model[key] = TinyJit(functools.partial(fn, weakref.ref(model)))
     return per_model[key]
+
+
+#: host bytes read between realizes while loading: a load holds at most this (plus one tensor) beyond the model
+REALIZE_BYTES = 64 << 20
 
 
 class TinygradBackend(Backend):
@@ -182,11 +230,23 @@ class TinygradBackend(Backend):
     def _assign(self, model: LanguageModel, params: Mapping[str, np.ndarray], dtype: str, dev: str) -> LanguageModel:
         if dtype == "bfloat16":
             ensure_bfloat16(dev)
-        state = {n: from_host(a, dtype, dev) for n, a in params.items()}
+        # Realized in batches of REALIZE_BYTES as they are read: from_host's fresh host copies (and a mapped
+        # checkpoint's arrays, weights/format.py MappedTensors) are freed as it goes, never all held at once;
+        # batches, not single tensors, since each realize walks the graph of every live tensor.
+        state, pending, pending_bytes = {}, [], 0
+        for name, array in params.items():
+            state[name] = from_host(array, dtype, dev)
+            pending.append(state[name])
+            pending_bytes += np.asarray(array).nbytes
+            del array
+            if pending_bytes >= REALIZE_BYTES:
+                Tensor.realize(*pending)
+                pending, pending_bytes = [], 0
+        Tensor.realize(*pending)
         nn.state.load_state_dict(model, state, verbose=False, realize=False)
-        Tensor.realize(*state.values())
         return model
 
+    @searched
     def _normalize(self, model: LanguageModel) -> None:
         model.normalize_()
 
@@ -197,9 +257,11 @@ class TinygradBackend(Backend):
         # int32: ids and -100 fit, and it is every device's native int
         return Tensor(np.ascontiguousarray(array, dtype=np.int32), device=model.wte.weight.device)
 
+    @searched
     def _forward(self, model: LanguageModel, tokens: np.ndarray) -> np.ndarray:
         return jit(model, _logits, tokens.shape)(self._ids(model, tokens)).numpy()
 
+    @searched
     def _extend(self, model: LanguageModel, tokens: np.ndarray, cache: KVCache | None,
                 last_only: bool = False) -> tuple[np.ndarray, KVCache]:
         w = model.wte.weight
@@ -215,15 +277,30 @@ class TinygradBackend(Backend):
         cache.offset = n + tokens.shape[1]
         return out, cache
 
+    @searched
     def _loss_and_grads(self, model: LanguageModel, tokens: np.ndarray, targets: np.ndarray,
                         draws: np.ndarray | None) -> LossAndGrads:
-        # float32 draws: the exit test u < p_max is taken in float32, and the inputs keep the margin of SPEC.md 18.3
-        extra = () if draws is None else (Tensor(np.array(draws, dtype=np.float32), device=model.wte.weight.device),)
         fn = jit(model, _loss_and_grads, tokens.shape)
-        loss, logits, *grads = fn(self._ids(model, tokens), self._ids(model, targets), *extra)
-        names = nn.state.get_state_dict(model)
-        return LossAndGrads(loss.item(), logits.numpy(), {n: g.numpy() for n, g in zip(names, grads)})
+        loss, logits, *grads = fn(self._ids(model, tokens), self._ids(model, targets), *self._draws(model, draws))
+        return LossAndGrads(loss.item(), logits.numpy(), self._named(model, grads))
 
+    @searched
+    def _loss_grads_and_stats(self, model: GPT, tokens: np.ndarray, targets: np.ndarray,
+                              draws: np.ndarray | None) -> LossAndGrads:
+        # the statistics ride on the loss's forward: one schedule, no second forward
+        fn = jit(model, _loss_grads_and_stats, tokens.shape)
+        loss, logits, *rest = fn(self._ids(model, tokens), self._ids(model, targets), *self._draws(model, draws))
+        stats = dict(zip(STAT_NAMES, (t.numpy().astype(np.float64) for t in rest[:len(STAT_NAMES)])))
+        return LossAndGrads(loss.item(), logits.numpy(), self._named(model, rest[len(STAT_NAMES):]), stats)
+
+    def _draws(self, model: LanguageModel, draws: np.ndarray | None) -> tuple[Tensor, ...]:
+        # float32 draws: the exit test u < p_max is taken in float32, and the inputs keep the margin of SPEC.md 18.3
+        return () if draws is None else (Tensor(np.array(draws, dtype=np.float32), device=model.wte.weight.device),)
+
+    def _named(self, model: LanguageModel, grads) -> dict[str, np.ndarray]:
+        return {n: g.numpy() for n, g in zip(nn.state.get_state_dict(model), grads)}
+
+    @searched
     def _residual_stats(self, model: LanguageModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
         stats = model.residual_stats(self._ids(model, tokens))
         Tensor.realize(*stats.values())  # one schedule: the forward once for all four
@@ -244,6 +321,7 @@ class TinygradBackend(Backend):
                           {n: m.numpy().astype(np.float64) for n, (m, _) in moments.items()},
                           {n: v.numpy().astype(np.float64) for n, (_, v) in moments.items()})
 
+    @searched
     def _train_step(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup, train_spec, it: int,
                     micro_batches, draws) -> StepStats:
         return StepStats(*train_step(model, optimizer, train_spec, it, micro_batches, draws))

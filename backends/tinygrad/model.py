@@ -13,6 +13,7 @@ token embedding itself (`wte.weight` used twice, stored once).
     grads = loss.gradient(*nn.state.get_parameters(model))
 
     stats = model.residual_stats(tokens)               # {"input", "mid", "output", "normed"} -> (n_layer,)
+    loss, logits, stats = model.loss_logits_and_stats(tokens, targets)   # all three from one forward
 
     cache = KVCache(model.spec, batch=B, dtype=model.wte.weight.dtype)   # generation (SPEC.md 12)
     logits = model(prompt, cache)                      # positions 0 .. T-1, kept in the cache
@@ -31,6 +32,9 @@ from ...spec.params import init_law
 from ...weights.format import to_bfloat16_bits
 from .attention import KVCache, attention_weights, cached_keys_values, causal_attention
 from .losses import spec_loss
+
+
+STAT_NAMES = ("input", "mid", "output", "normed")  # residual_stats' keys (SPEC.md 18.4), in this order
 
 
 class CausalSelfAttention:
@@ -176,7 +180,7 @@ class GPT(LanguageModel):
                local: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(input, mid, output) of every layer. `local` (loss="all_layers_local", SPEC.md 18.2): each layer
         after the first reads its input detached, so each layer's loss trains that layer alone."""
-        x = self.wte(tokens) + self.wpe.weight[start:start + tokens.shape[1]]  # learned positions from `start`
+        x = embed_tokens(self.spec, self.wte, tokens) + self.wpe.weight[start:start + tokens.shape[1]]  # learned positions from `start`
         out = []
         for i in range(self.spec.n_layer):
             x = x.detach() if local and i > 0 else x
@@ -195,18 +199,37 @@ class GPT(LanguageModel):
         return self.head(x[:, -1:] if last_only else x)
 
     def loss_and_logits(self, tokens: Tensor, targets: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        loss, logits, _ = self.loss_logits_and_stats(tokens, targets, draws)
+        return loss, logits
+
+    def loss_logits_and_stats(self, tokens: Tensor, targets: Tensor,
+                              draws: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """loss_and_logits and residual_stats of the same tokens from one forward; the statistics stay
+        lazy (and cost nothing) unless realized."""
+        layers = self.layers(tokens, local=self.spec.loss == "all_layers_local")
         # the all-layer and early-exit losses score every layer's output through ln_f and the head (SPEC.md 18)
-        outputs = [y for _, _, y in self.layers(tokens, local=self.spec.loss == "all_layers_local")]
+        outputs = [y for _, _, y in layers]
         logits = [self.head(y) for y in (outputs if self.spec.loss != "final" else outputs[-1:])]
-        return spec_loss(self.spec, logits, targets, draws), logits[-1]
+        return spec_loss(self.spec, logits, targets, draws), logits[-1], self._stats(layers)
 
     def residual_stats(self, tokens: Tensor) -> dict[str, Tensor]:
         """SPEC.md 18.4: per layer, the mean over (b, t) of the Bessel-corrected std over channels of the
         block's input, mid stream, output and ln_f(output); float32 (n_layer,) Tensors."""
         check_tokens(self.spec, tokens)
-        streams = [(x.float(), mid.float(), y.float(), self.ln_f(y.float())) for x, mid, y in self.layers(tokens)]
+        return self._stats(self.layers(tokens))
+
+    def _stats(self, layers: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        # a detached input (all_layers_local) has the values of the attached one
+        streams = [(x.float(), mid.float(), y.float(), self.ln_f(y.float())) for x, mid, y in layers]
         return {name: Tensor.stack(*(s[i].std(-1, correction=1).mean() for s in streams))
-                for i, name in enumerate(("input", "mid", "output", "normed"))}
+                for i, name in enumerate(STAT_NAMES)}
+
+
+def embed_tokens(spec: ModelSpec, wte, tokens: Tensor) -> Tensor:
+    """wte's rows for the ids, NaN for an id outside [0, vocab_size) (SPEC.md 6): inside TinyJit nothing can
+    raise on a value, and tinygrad's one-hot embedding gives a zero row (plausible logits) for any id out of range."""
+    valid = (tokens >= 0) & (tokens < spec.vocab_size)
+    return valid.unsqueeze(-1).where(wte(tokens), float("nan"))
 
 
 def check_tokens(spec: ModelSpec, tokens: Tensor) -> None:

@@ -22,7 +22,7 @@ from ...spec import ModelSpec, canonical_dtype, param_table
 from ...spec.params import init_law, ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import cached_keys_values, causal_attention
-from .model import LanguageModel, from_host
+from .model import LanguageModel, embed_tokens, from_host
 
 
 def unit_norm(x: Tensor, axis: int = -1) -> Tensor:
@@ -151,7 +151,7 @@ class NGPT(LanguageModel):
 
     def forward(self, tokens: Tensor, kv: list[Tensor] | None = None, start: int | UOp = 0,
                 last_only: bool = False) -> Tensor:
-        h = self.wte(tokens)  # no position table: positions enter through RoPE, or not at all
+        h = embed_tokens(self.spec, self.wte, tokens)  # no position table: positions enter through RoPE, or not at all
         cos_sin = None
         if self._rope is not None:  # the absolute positions start .. start+T-1, not the index within this call
             cos_sin = tuple(t[start:start + tokens.shape[1]] for t in self._rope(h.dtype, h.device))

@@ -167,11 +167,22 @@ def _owner(model, name: str) -> tuple[object, str]:
     return obj, attr
 
 
-def _tensor(a, dtype, device: str) -> Tensor:
-    """Token ids as int32 (ids and -100 fit, every device's native int), draws as float32, on the model's device."""
+def _tensor(a, dtype, device) -> Tensor:
+    """Token ids as int32 (ids and -100 fit, every device's native int), draws as float32, on the model's
+    device; on a model replicated over several devices (replicate), sharded over them by rows (SPEC.md 25)."""
+    if isinstance(device, tuple):
+        t = _tensor(a, dtype, device[0])
+        return t.shard(device, axis=0 if t.ndim == 2 else 1)  # tokens (B, T); draws (n_layer, B, T)
     if isinstance(a, Tensor):
         return a.cast(dtype).to(device)
     return Tensor(np.ascontiguousarray(a, dtype=np.int32 if dtype == dtypes.int32 else np.float32), device=device)
+
+
+def replicate(model: LanguageModel, devices: tuple[str, ...]) -> None:
+    """Data parallel in one process (SPEC.md 25): every weight copied to each of `devices`, in place, so
+    that a batch sharded over them by rows computes each shard on its device and backward all-reduces
+    the gradients. Build the optimizer after this: its moments are made on the weights' devices."""
+    Tensor.realize(*(t.to_(devices) for t in nn.state.get_state_dict(model).values()))
 
 
 # -- the optimizer's state in canonical names (TrainState, SPEC.md 20) --------------------------------

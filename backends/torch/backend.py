@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Mapping
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ...spec import BackendError, param_table
 from ...spec.reference.training import TrainState
@@ -16,8 +18,40 @@ from .ngpt import NGPT
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _MetaInitSkipped(TorchFunctionMode):
+    """Initialisers do nothing on meta tensors (there is nothing to fill), but on meta they run through
+    torch._refs, whose first use imports torch._dynamo: 1.5 s of a fresh process's load. Skip them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        initialiser = getattr(func, "__module__", None) == "torch.nn.init" or func in _IN_PLACE_FILLS
+        if initialiser and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+_IN_PLACE_FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_}
+
+
+def _copied(array: np.ndarray, dtype: torch.dtype, dev) -> torch.Tensor:
+    """A new contiguous tensor holding `array` (any strides: a transposed view is copied in the canonical
+    row-major layout the old contiguous copies had, so the kernels and their bits are the same) in `dtype`."""
+    if not array.dtype.isnative or any(stride < 0 for stride in array.strides):  # what from_numpy refuses
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    out = torch.empty(array.shape, dtype=dtype, device=dev)
+    with warnings.catch_warnings():
+        # a read-only array (a mapped file) is only read here, by copy_, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(array)
+    return out.copy_(source)
+
+
 def resolve_device(device) -> torch.device:
-    dev = torch.device(device if device is not None else "cpu")
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError, ValueError):  # torch's own words list devices this backend never runs on
+        raise BackendError(f"torch backend runs on cpu, cuda or mps, not {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"torch cannot use device {str(dev)!r}: torch.cuda.is_available() is False")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -83,15 +117,20 @@ class TorchBackend(Backend):
         return resolve_device(device)
 
     def _new_model(self, spec, dev) -> torch.nn.Module:
-        with torch.device("meta"):
+        with torch.device("meta"), _MetaInitSkipped():
             return self.model_class(spec)(spec)  # no memory, no init: every tensor is replaced in _assign
 
     def _parameter_names(self, model) -> list[str]:
         return [n for n, _ in model.named_parameters()]
 
     def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev) -> torch.nn.Module:
-        # torch.tensor copies: the model must never alias (and normalize_ never write into) the caller's arrays
-        state = {n: torch.tensor(np.asarray(a), dtype=_DTYPES[dtype], device=dev) for n, a in params.items()}
+        # One tensor at a time, each copied (cast on the way) into a new contiguous tensor: the model never
+        # aliases (normalize_ never writes into) the caller's arrays, and a mapped checkpoint's source
+        # (weights/format.py MappedTensors) is dropped, so unmapped, before the next one is read.
+        state = {}
+        for name, array in params.items():
+            state[name] = _copied(np.asarray(array), _DTYPES[dtype], dev)
+            del array
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
@@ -104,22 +143,27 @@ class TorchBackend(Backend):
     def _tensor(self, model, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(model.wte.weight.device)
 
+    def _ids(self, model, array: np.ndarray) -> torch.Tensor:
+        """Token or target ids of any integer dtype SPEC.md 6 allows (int8 ... uint64, checked in range
+        already) as the int64 torch's embedding and cross-entropy index with."""
+        return self._tensor(model, np.asarray(array, dtype=np.int64))
+
     def _forward(self, model, tokens: np.ndarray) -> np.ndarray:
         with torch.no_grad(), ieee_float32():
-            logits = model(self._tensor(model, tokens))
+            logits = model(self._ids(model, tokens))
         return logits.float().cpu().numpy()
 
     def _extend(self, model, tokens: np.ndarray, cache, last_only: bool = False):
         cache = model.make_cache() if cache is None else cache
         with torch.no_grad(), ieee_float32():
-            logits = model(self._tensor(model, tokens), cache=cache, last_only=last_only)
+            logits = model(self._ids(model, tokens), cache=cache, last_only=last_only)
         return logits.float().cpu().numpy(), cache
 
     def _loss_and_grads(self, model, tokens: np.ndarray, targets: np.ndarray, draws) -> LossAndGrads:
         draws_t = None if draws is None else self._tensor(model, draws.astype(np.float32))
         model.zero_grad(set_to_none=True)
         with ieee_float32():
-            loss, logits = model.loss_and_logits(self._tensor(model, tokens), self._tensor(model, targets), draws_t)
+            loss, logits = model.loss_and_logits(self._ids(model, tokens), self._ids(model, targets), draws_t)
             loss.backward()
         grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
@@ -127,7 +171,7 @@ class TorchBackend(Backend):
 
     def _residual_stats(self, model, tokens: np.ndarray) -> dict[str, np.ndarray]:
         with ieee_float32():
-            stats = model.residual_stats(self._tensor(model, tokens))
+            stats = model.residual_stats(self._ids(model, tokens))
         return {k: v.double().cpu().numpy() for k, v in stats.items()}
 
     # -- training (SPEC.md 20): backends/torch/train.py's loop, imported on use because it builds on
@@ -145,10 +189,7 @@ class TorchBackend(Backend):
     def _train_step(self, model, optimizer, train_spec, it, micro_batches, draws) -> StepStats:
         from .train import train_step
 
-        def ids(a):  # torch indexes embeddings with int64
-            return self._tensor(model, np.asarray(a, dtype=np.int64))
-
-        batches = [(ids(tokens), ids(targets)) for tokens, targets in micro_batches]
+        batches = [(self._ids(model, tokens), self._ids(model, targets)) for tokens, targets in micro_batches]
         draws_t = None if draws is None else [self._tensor(model, u) for u in draws]
         return StepStats(*train_step(model, optimizer, train_spec, it, batches, draws_t))
 

@@ -127,7 +127,7 @@ class GPT(nn.Module):
     def embed(self, tokens: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
         check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
-        return self.wte(tokens) + self.wpe(torch.arange(n, n + tokens.shape[1], device=tokens.device))
+        return embed_tokens(self.spec, self.wte, tokens) + self.wpe(torch.arange(n, n + tokens.shape[1], device=tokens.device))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.ln_f(x), self.wte.weight)  # LM head tied to the token embedding
@@ -202,6 +202,16 @@ def _is_int(t: torch.Tensor) -> bool:
 
 def check_tokens(spec: ModelSpec, tokens: torch.Tensor) -> None:
     check_token_layout(spec, tokens.shape, _is_int(tokens))
+
+
+def embed_tokens(spec: ModelSpec, wte: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    """wte's rows for ids of any integer dtype (torch gathers with int32/int64 only), NaN for an id outside
+    [0, vocab_size) (SPEC.md 6): the native call cannot check a value without a device sync, and a gather
+    into the padded rows [vocab_size, padded_vocab_size) would give plausible logits."""
+    if tokens.dtype not in (torch.int32, torch.int64):
+        tokens = tokens.long()
+    valid = (tokens >= 0) & (tokens < spec.vocab_size)
+    return torch.where(valid[..., None], wte(tokens.clamp(0, spec.vocab_size - 1)), float("nan"))
 
 
 def check_targets(tokens: torch.Tensor, targets: torch.Tensor) -> None:

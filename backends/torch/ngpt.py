@@ -17,7 +17,7 @@ from ...spec.params import ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import KVCache, attention, cache_offset
 from .losses import cross_entropy
-from .model import check_draws, check_targets, check_tokens, init_from_spec
+from .model import check_draws, check_targets, check_tokens, embed_tokens, init_from_spec
 
 
 def justnorm(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class NGPT(nn.Module):
         """Logits (B, T, vocab_size); `cache` and `last_only` as GPT.forward has them."""
         check_tokens(self.spec, tokens)
         n = cache_offset(self.spec, tokens, cache)
-        h = self.wte(tokens)
+        h = embed_tokens(self.spec, self.wte, tokens)
         cos_sin = None
         if self._rope is not None:  # absolute positions n .. n+T-1, not the index within this call
             w = self.wte.weight

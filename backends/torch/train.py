@@ -11,6 +11,7 @@ every parameter group before each step: no torch scheduler is in the loop.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -55,11 +56,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_s
     params = [by_name[n] for n in names]  # canonical order: the norm's summation order, the error's first tensor
     n = len(micro_batches)
     losses = []
+    ddp = model.__dict__.get("_ddp")  # runs/distributed.py under torchrun: DDP over this model's loss
     with ieee_float32():
         for k, (tokens, targets) in enumerate(micro_batches):
-            with _compute_precision(model, train_spec):
-                loss = model.loss(tokens, targets, None if draws is None else draws[k]) / n
-            loss.backward()  # outside autocast, as torch recommends: backward runs in each op's forward dtype
+            # DDP all-reduces the gradients in the backward of the last micro-batch only (SPEC.md 25)
+            sync = ddp is None or (k == n - 1 and not ddp.skip_sync)
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with _compute_precision(model, train_spec):
+                    u = None if draws is None else draws[k]
+                    loss = (model.loss(tokens, targets, u) if ddp is None else ddp(tokens, targets, u)) / n
+                loss.backward()  # outside autocast, as torch recommends: backward runs in each op's forward dtype
             losses.append(loss.detach())
         for p in params:  # a parameter the loss does not reach has gradient 0 (the spec's), not None, which
             if p.grad is None:  # AdamW would skip, freezing its decay and its moments
@@ -102,3 +108,43 @@ def _compute_precision(model: torch.nn.Module, train_spec: TrainSpec):
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+# -- data parallel (SPEC.md 25): DDP under torchrun ----------------------------------------------------------
+class _Loss(torch.nn.Module):
+    """The model's loss as a forward, so that DDP (which hooks forward) wraps what the step differentiates."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, targets, draws=None):
+        return self.model.loss(tokens, targets, draws)
+
+
+def attach_ddp(model: torch.nn.Module, fault=None) -> None:
+    """Wrap `model`'s loss in DistributedDataParallel (the process group is initialized) and keep it on the
+    model, outside its module tree, for train_step. DDP averages the gradients as SUM then / W in its
+    default hook. `fault` (negative controls only, runs/distributed.py): ("divide_by", N) replaces the
+    hook with SUM / N; ("skip_sync", None) never synchronizes."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = _device(model)
+    # the buffers are constants, equal on every rank: no sync before each forward (torch >= 2.12 spells it
+    # forward_sync_buffers and warns about broadcast_buffers)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    ddp = DistributedDataParallel(_Loss(model), device_ids=[device.index] if device.type == "cuda" else None,
+                                  **no_buffer_sync)
+    ddp.skip_sync = fault is not None and fault[0] == "skip_sync"
+    if fault is not None and fault[0] == "divide_by":
+        divisor = fault[1]
+
+        def wrong_average(state, bucket):
+            tensor = bucket.buffer()
+            return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True).get_future().then(
+                lambda fut: fut.value()[0].div_(divisor))
+
+        ddp.register_comm_hook(None, wrong_average)
+    model.__dict__["_ddp"] = ddp  # not a submodule: the model's state and parameter names stay canonical
