@@ -54,6 +54,16 @@ class Comparison:
 
 
 # -- recording --------------------------------------------------------------------------------
+def _run_and_write(res, run_backend, write_run) -> None:
+    """One backend's recording: run it, then write its artifact; a crash is that backend's "error", not fatal."""
+    try:
+        run = run_backend()
+    except Exception as e:
+        res.status, res.message = "error", f"{type(e).__name__}: {e}"
+    else:
+        res.path = write_run(run)
+        res.seconds = run.seconds
+
 def portable(case: Case, weights_name: str | None) -> Case:
     """The case as another machine can name it: real weights by name, not by this machine's path."""
     if case.weights is None:
@@ -102,15 +112,10 @@ def record(backends: list, cases: Iterable[Case], dtypes: Iterable[str], out: st
                 if gap:
                     res.status, res.message = gap
                 else:
-                    try:
-                        run = backend_run(b, inputs, dtype, dev)
-                    except Exception as e:
-                        res.status, res.message = "error", f"{type(e).__name__}: {e}"
-                    else:
-                        target = out if out.suffix == ".safetensors" else out / file_name(pcase.id, b.name, dev, dtype)
-                        meta = metadata(b, case, pcase, inputs, fp, dtype, dev)
-                        res.path = write(target, tensors_of(run, inputs.tokens, inputs.targets, inputs.draws), meta)
-                        res.seconds = run.seconds
+                    target = out if out.suffix == ".safetensors" else out / file_name(pcase.id, b.name, dev, dtype)
+                    _run_and_write(res, lambda: backend_run(b, inputs, dtype, dev), lambda run: write(
+                        target, tensors_of(run, inputs.tokens, inputs.targets, inputs.draws),
+                        metadata(b, case, pcase, inputs, fp, dtype, dev)))
                 results.append(res)
                 if on_result:
                     on_result(res)
@@ -162,15 +167,10 @@ def record_trajectory(backends: list, case: TrajectoryCase, precision: str, out:
         elif not trains(b):
             res.status, res.message = "not implemented", f"{b.name} does not train (SPEC.md 20)"
         else:
-            try:
-                run = backend_trajectory(b, case, inputs, dev)
-            except Exception as e:
-                res.status, res.message = "error", f"{type(e).__name__}: {e}"
-            else:
-                target = out if out.suffix == ".safetensors" else out / file_name(case.id, b.name, dev, precision)
-                meta = trajectory_metadata(b, case, inputs.spec, inputs.train_spec, fp, digest, dev)
-                res.path = write(target, trajectory_tensors(run), meta)
-                res.seconds = run.seconds
+            target = out if out.suffix == ".safetensors" else out / file_name(case.id, b.name, dev, precision)
+            _run_and_write(res, lambda: backend_trajectory(b, case, inputs, dev), lambda run: write(
+                target, trajectory_tensors(run), trajectory_metadata(b, case, inputs.spec, inputs.train_spec, fp,
+                                                                     digest, dev)))
         results.append(res)
         if on_result:
             on_result(res)
