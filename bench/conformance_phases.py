@@ -7,8 +7,12 @@ becomes "this" or "other", e.g. `-- --json /tmp/{run}.json` to compare the two r
 around each backend method the runner calls (build, forward, loss_and_grads, residual_stats,
 normalize, state, extend, train_step) and around the float64 reference, the comparisons, and the
 generation and training rows; then prints seconds per (subject, case size, phase), the wall time,
-the process's CPU time (user + system) and its peak resident memory. Timed phases nest (a
-generation row calls extend), so the table lists each on its own rather than summing them.
+the CPU time (user + system) of the process and of its worker processes, the process's peak resident
+memory and the peak of all its processes together. Timed phases nest (a generation row calls
+extend), so the table lists each on its own rather than summing them. tinygrad's runs happen in
+worker processes by default (conformance/workers.py), where nothing is timed: the table shows the
+main process's wait for them ("workers", "wait"); GPTSPEC_CONFORMANCE_WORKERS=0 times tinygrad's
+own phases in-process.
 With --against, the other tree runs first, in a fresh process as this one is, so that both meet
 the same machine load (it is imported as `gptspec` through PYTHONPATH, a folder holding a
 `gptspec` link to it). Benchmarks measure; they never assert.
@@ -24,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +42,48 @@ MODULE_PHASES = (
     ("conformance.generation", "run_generation", "generation rows"),
     ("conformance.trajectory", "run_trajectory", "training rows"),
 )
+
+
+def _tree_rss_kib(root: int) -> int:
+    """Resident memory of `root` and every process below it (Linux /proc; 0 elsewhere)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        pid = int(entry.name)
+        children[int(fields.get("PPid", "0"))].append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+class _TreePeak:
+    """The peak of _tree_rss_kib(this process), sampled every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.5):
+        self.peak_kib, self._interval, self._stop = 0, interval, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "_TreePeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def measure(argv: list[str]) -> dict:
@@ -79,11 +126,21 @@ def measure(argv: list[str]) -> dict:
                 return subject, size_of(case) if case is not None else current["size"]
             setattr(module, fn_name, timed(getattr(module, fn_name), subject_of, fn_name))
 
-    start, cpu0 = time.perf_counter(), time.process_time()
-    code = cli.main(["conformance", *argv])
+    workers = importlib.import_module("gptspec.conformance.runner").__dict__.get("workers")
+    if workers is not None:  # a tree with worker processes: the main process's wait for their runs
+        workers.Offload.take = timed(workers.Offload.take, lambda a: ("workers", size_of(a[1][1])), "wait")
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker processes, once they have ended
+        return r.ru_utime + r.ru_stime
+
+    start, cpu0, child0 = time.perf_counter(), time.process_time(), children_cpu()
+    with _TreePeak() as tree:
+        code = cli.main(["conformance", *argv])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    return {"exit": code, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024,
+    return {"exit": code, "wall_s": wall, "cpu_s": cpu, "workers_cpu_s": children_cpu() - child0,
+            "peak_rss_mib": peak_kib / 1024, "tree_peak_rss_mib": tree.peak_kib / 1024,
             "phases": [[s, z, p, t] for (s, z, p), t in sorted(totals.items())]}
 
 
@@ -131,8 +188,9 @@ def main(argv=None) -> None:
     by_run = {n: {tuple(row[:3]): row[3] for row in r["phases"]} for n, r in runs.items()}
     for key in keys:
         table.add_row(*key, *(f"{by_run[n][key]:.1f}" if key in by_run[n] else "-" for n in names))
-    for label, field in (("wall", "wall_s"), ("CPU", "cpu_s"), ("peak RSS (MiB)", "peak_rss_mib")):
-        table.add_row("total", "", label, *(f"{runs[n][field]:.0f}" for n in names))
+    for label, field in (("wall", "wall_s"), ("CPU", "cpu_s"), ("CPU of worker processes", "workers_cpu_s"),
+                         ("peak RSS (MiB)", "peak_rss_mib"), ("peak RSS, all processes (MiB)", "tree_peak_rss_mib")):
+        table.add_row("total", "", label, *(f"{runs[n][field]:.0f}" if field in runs[n] else "-" for n in names))
     Console(width=140).print(table)
 
 

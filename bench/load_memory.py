@@ -8,7 +8,9 @@ One synthetic checkpoint in the Hugging Face layout (`model.safetensors` with th
 keys, `config.json`), float32, is written once; every loader then runs in a fresh process on that
 same file: the import of the framework first (its footprint is the baseline), then the load, then one
 forward of (1, 64) tokens. Peak is the resident set's high-water mark above that baseline (Linux
-VmHWM, reset after the imports; ru_maxrss less the baseline elsewhere), load time is the load alone.
+VmHWM, reset after the imports; ru_maxrss less the baseline elsewhere), load time is the load alone, in
+wall-clock seconds and in the CPU seconds of the process (every thread, the kernel's page faults
+included), which a shared machine's other work disturbs less.
 
 Loaders: `gptspec` (`gptspec.backends.load(backend, DIR, dtype=...)`), and the anchors:
   torch     transformers' `GPT2LMHeadModel.from_pretrained(DIR, dtype=...)` (memory-mapped safetensors)
@@ -17,7 +19,10 @@ Loaders: `gptspec` (`gptspec.backends.load(backend, DIR, dtype=...)`), and the a
   tinygrad  `nn.state.safe_load(file)` + `nn.state.load_state_dict` into gptspec's tinygrad model,
             as tinygrad's examples load weights
 `--formats` adds gptspec's load from the same weights as `pytorch_model.bin`, a nanoGPT `ckpt.pt` and
-an llm.c `.bin` (float32), which may cost more. `--against` measures another checkout's gptspec (e.g.
+an llm.c `.bin` (float32), which may cost more; `canonical` adds the same weights as a canonical
+gptspec file (no Conv1D transposes), loaded by gptspec beside each framework's own loader of that file
+(torch: `safetensors.torch.load_file` + `load_state_dict(assign=True)` into gptspec's torch model; MLX:
+`mx.load` + `load_weights`; tinygrad: `safe_load` + `load_state_dict`). `--against` measures another checkout's gptspec (e.g.
 the tree before issue 17) in the same run, imported through PYTHONPATH. `--reference 1x64` measures the
 float64 reference's loss_and_grads on --preset instead (peak RSS of a fresh process, B1 x T64).
 Benchmarks measure; they never assert.
@@ -77,25 +82,12 @@ def _hf_key_to_canonical(key: str) -> str:
     return key.removeprefix("transformer.")
 
 
-def _transposed_names() -> set[str]:
-    from gptspec.spec import ModelSpec, param_table
-
-    return {p.name for p in param_table(ModelSpec.preset("test-tiny")) if p.hf_transposed}
-
-
-def _is_transposed(name: str, transposed: set[str]) -> bool:
-    # the table's names differ between sizes only in the layer index
-    parts = name.split(".")
-    if len(parts) > 1 and parts[0] == "h":
-        parts[1] = "0"
-    return ".".join(parts) in transposed
-
-
 def _prepare(loader: str, dtype: str):
     """Import what `loader` needs (the baseline) and return (load, forward) closures."""
     if loader.startswith("gptspec:"):
         return _gptspec(loader.split(":", 1)[1], dtype)
-    makers = {"hf-torch": _hf_torch, "mlx-lm": _mlx_lm, "mx.load": _mx_load, "tinygrad": _tinygrad}
+    makers = {"hf-torch": _hf_torch, "torch-safetensors": _torch_safetensors, "mlx-lm": _mlx_lm,
+              "mx.load": _mx_load, "tinygrad": _tinygrad}
     if loader not in makers:
         raise SystemExit(f"unknown loader {loader!r}")
     return makers[loader](dtype)
@@ -127,6 +119,45 @@ def _hf_torch(dtype: str):
     return load, forward
 
 
+def _torch_safetensors(dtype: str):
+    """torch's own way to load a safetensors state dict: safetensors' torch loader, then
+    `load_state_dict(assign=True)` into gptspec's torch model laid out on the meta device (as gptspec lays
+    it out: its `_new_model` skips the initialisers, whose meta path imports torch._dynamo, 1.5 s)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gptspec.backends import get
+
+    backend = get("torch")
+
+    def load(path):
+        spec, file, transposed = _layout(path)
+        model = backend._new_model(spec, torch.device("cpu"))
+        state = {}
+        for key, t in load_file(str(file)).items():
+            name = _hf_key_to_canonical(key)
+            t = t.T.contiguous() if name in transposed else t
+            state[name] = t.to(getattr(torch, dtype))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    return load, lambda model: backend.forward(model, _tokens())
+
+
+def _layout(path):
+    """(spec, safetensors file, the names stored transposed) of a bench checkpoint: a Hugging Face directory
+    or a canonical file."""
+    path = Path(path)
+    if path.is_file():
+        from gptspec.weights import read
+
+        return read(path).spec, path, set()
+    spec = _spec(path)
+    from gptspec.spec import param_table
+
+    return spec, path / "model.safetensors", {p.name for p in param_table(spec) if p.hf_transposed}
+
+
 def _mlx_lm(dtype: str):
     import mlx.core as mx
     import numpy as np
@@ -143,20 +174,19 @@ def _mlx_lm(dtype: str):
 
 
 def _mx_load(dtype: str):
-    import mlx.core as mx
-
     from gptspec.backends import get
 
     backend = get("mlx")
+    backend.version()  # gptspec's MLX backend first: it loads an optimised BLAS before mlx.core does
+    import mlx.core as mx
 
     def load(path):
-        spec = _spec(path)
+        spec, file, transposed = _layout(path)
         model = backend.model_class(spec)(spec, mx.cpu)
-        transposed = _transposed_names()
         renamed = []
-        for key, w in mx.load(str(Path(path) / "model.safetensors")).items():
+        for key, w in mx.load(str(file)).items():
             name = _hf_key_to_canonical(key)
-            renamed.append((name, (w.T if _is_transposed(name, transposed) else w).astype(getattr(mx, dtype))))
+            renamed.append((name, (w.T if name in transposed else w).astype(getattr(mx, dtype))))
         model.load_weights(renamed)
         mx.eval(model.parameters())
         return model
@@ -173,15 +203,14 @@ def _tinygrad(dtype: str):
     backend = get("tinygrad")
 
     def load(path):
-        spec = _spec(path)
+        spec, file, transposed = _layout(path)
         model = backend.model_class(spec)(spec)
-        transposed = _transposed_names()
         if dtype == "bfloat16":
             ensure_bfloat16(Device.DEFAULT)  # as gptspec does: tinygrad's bf16 emulation where clang has no __bf16
         state = {}
-        for key, t in nn.state.safe_load(str(Path(path) / "model.safetensors")).items():
+        for key, t in nn.state.safe_load(str(file)).items():
             name = _hf_key_to_canonical(key)
-            t = t.T if _is_transposed(name, transposed) else t
+            t = t.T if name in transposed else t
             # safe_load's tensors live on the DISK device, which cannot cast: cast on the compute device
             state[name] = t.to(Device.DEFAULT).cast(getattr(dtypes, dtype)) if dtype != "float32" else t
         nn.state.load_state_dict(model, state, verbose=False)
@@ -202,16 +231,17 @@ def child(loader: str, dtype: str, path: str) -> dict:
     exact = _reset_peak()
     if not exact:
         base_kib = _max_rss_kib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = load(path)
-    load_s = time.perf_counter() - t0
+    load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     loaded_kib = _status_kib("VmHWM") if exact else _max_rss_kib()
     t0 = time.perf_counter()
     forward(model)
     forward_s = time.perf_counter() - t0
     peak_kib = _status_kib("VmHWM") if exact else _max_rss_kib()
     return {"loader": loader, "dtype": dtype, "import_mib": base_kib / 1024, "load_peak_mib": (loaded_kib - base_kib) / 1024,
-            "peak_mib": (peak_kib - base_kib) / 1024, "load_s": load_s, "forward_s": forward_s, "exact_peak": exact}
+            "peak_mib": (peak_kib - base_kib) / 1024, "load_s": load_s, "load_cpu_s": load_cpu_s, "forward_s": forward_s,
+            "exact_peak": exact}
 
 
 def reference_child(preset: str, batch: int, length: int) -> dict:
@@ -239,14 +269,14 @@ def write_checkpoints(directory: Path, preset: str, formats: list[str]) -> dict[
     import numpy as np
 
     from gptspec.spec import ModelSpec, param_table
-    from gptspec.weights import synthetic_params, write_llmc, write_nanogpt
+    from gptspec.weights import save, synthetic_params, write_llmc, write_nanogpt
     from gptspec.weights.format import write_safetensors
     from gptspec.weights.hf import config_from_spec
 
     spec = ModelSpec.preset(preset)
     hf = directory / f"{preset}-hf"
     paths = {"safetensors": hf, "bin": directory / f"{preset}-hf-bin", "nanogpt": directory / f"{preset}-ckpt.pt",
-             "llmc": directory / f"{preset}_llmc.bin"}
+             "llmc": directory / f"{preset}_llmc.bin", "canonical": directory / f"{preset}.safetensors"}
     wanted = {f: paths[f] for f in ["safetensors", *formats]}
     if all(p.exists() for p in wanted.values()):
         return wanted
@@ -271,6 +301,8 @@ def write_checkpoints(directory: Path, preset: str, formats: list[str]) -> dict[
         write_nanogpt(paths["nanogpt"], spec, params, "float32", synthetic=True)
     if "llmc" in wanted and not paths["llmc"].exists():
         write_llmc(paths["llmc"], spec, params, "float32", synthetic=True)
+    if "canonical" in wanted and not paths["canonical"].exists():
+        save(paths["canonical"], spec, params, "float32", synthetic=True)
     return wanted
 
 
@@ -300,7 +332,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="torch,mlx,tinygrad")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--mlx-lm-python", default=None, help="a Python with mlx-lm installed, for its load_model")
-    ap.add_argument("--formats", default="", help="also gptspec's load of: bin,nanogpt,llmc")
+    ap.add_argument("--formats", default="", help="also gptspec's load of: canonical,bin,nanogpt,llmc")
     ap.add_argument("--against", action="append", default=[], metavar="CHECKOUT",
                     help="another gptspec checkout, measured beside this one (repeatable)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each loader (interleaved); the table shows medians")
@@ -349,14 +381,22 @@ def measure_all(args, paths: dict[str, Path], others: list[tuple[str, str]]) -> 
     anchors = {"torch": [("hf-torch", sys.executable)],
                "mlx": ([("mlx-lm", args.mlx_lm_python)] if args.mlx_lm_python else []) + [("mx.load", sys.executable)],
                "tinygrad": [("tinygrad", sys.executable)]}
+    canonical_anchors = {"torch": "torch-safetensors", "mlx": "mx.load", "tinygrad": "tinygrad"}
     rows = []
     for backend in args.backends.split(","):
         for dtype in args.dtypes.split(","):
             runs = [(f"gptspec:{backend}", sys.executable, None, "gptspec", paths["safetensors"])]
             runs += [(f"gptspec:{backend}", sys.executable, link, label, paths["safetensors"]) for link, label in others]
             runs += [(loader, python, None, loader, paths["safetensors"]) for loader, python in anchors[backend]]
+            if "canonical" in formats:  # the same weights in gptspec's own layout, beside the framework's loader of it
+                runs += [(f"gptspec:{backend}", sys.executable, None, "gptspec canonical", paths["canonical"])]
+                runs += [(f"gptspec:{backend}", sys.executable, link, f"{label} canonical", paths["canonical"])
+                         for link, label in others]
+                runs += [(canonical_anchors[backend], sys.executable, None, f"{canonical_anchors[backend]} canonical",
+                          paths["canonical"])]
             if dtype == "float32":
-                runs += [(f"gptspec:{backend}", sys.executable, None, f"gptspec {fmt}", paths[fmt]) for fmt in formats]
+                runs += [(f"gptspec:{backend}", sys.executable, None, f"gptspec {fmt}", paths[fmt])
+                         for fmt in formats if fmt != "canonical"]
             results = {label: [] for *_, label, _ in runs}
             for _ in range(args.repeat):  # interleaved, so that every loader meets the same machine load
                 for loader, python, pythonpath, label, path in runs:
@@ -373,7 +413,7 @@ def _median(results: list[dict]) -> dict:
     if not ok:
         return results[-1]
     out = dict(ok[0])
-    for key in ("import_mib", "load_peak_mib", "peak_mib", "load_s", "forward_s"):
+    for key in ("import_mib", "load_peak_mib", "peak_mib", "load_s", "load_cpu_s", "forward_s"):
         out[key] = statistics.median(r[key] for r in ok)
     return out
 
@@ -381,14 +421,16 @@ def _median(results: list[dict]) -> dict:
 def print_table(rows: list[dict], size_mib: float, preset: str) -> None:
     print(f"\n{preset}: a {size_mib:.0f} MiB float32 checkpoint (Hugging Face layout); peak = resident high-water "
           f"mark above the imports' footprint, load + one forward of {TOKENS_SHAPE}\n")
-    print("| backend | dtype | loader | import (MiB) | peak (MiB) | peak / file | load (s) | load + forward (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | dtype | loader | import (MiB) | peak (MiB) | peak / file | load (s) | load CPU (s) "
+          "| load + forward (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['backend']} | {r['dtype']} | {r['label']} | failed: {r['error']} | | | | |")
+            print(f"| {r['backend']} | {r['dtype']} | {r['label']} | failed: {r['error']} | | | | | |")
             continue
         print(f"| {r['backend']} | {r['dtype']} | {r['label']} | {r['import_mib']:.0f} | {r['peak_mib']:.0f} | "
-              f"{r['peak_mib'] / size_mib:.2f}x | {r['load_s']:.2f} | {r['load_s'] + r['forward_s']:.2f} |")
+              f"{r['peak_mib'] / size_mib:.2f}x | {r['load_s']:.2f} | {r['load_cpu_s']:.2f} | "
+              f"{r['load_s'] + r['forward_s']:.2f} |")
 
 
 if __name__ == "__main__":

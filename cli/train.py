@@ -15,7 +15,7 @@ _TRAIN_FIELDS = {"lr": "lr", "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_s
                  "grad_accum": "grad_accum", "precision": "precision", "seed": "seed"}
 _SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 _RUN_FIELDS = ("backend", "device", "compile", "steps", "eval_interval", "eval_iters", "ckpt_interval",
-               "log_interval", "sample_tokens", "hellaswag", "hellaswag_limit", "devices", "batch_size", "block_size", "variant", "model", "data")
+               "log_interval", "sample_tokens", "hellaswag", "hellaswag_limit", "devices", "fsdp", "batch_size", "block_size", "variant", "model", "data")
 
 
 def _fmt(v, spec=".4f") -> str:
@@ -44,8 +44,10 @@ class Display:
         console.print(f"MFU: {info['flops_per_token'] / 1e6:.2f} MFLOP/token (6N + 12 L H Q T) against "
                       f"{info['peak'].source}", highlight=False)
         if info.get("world", "single process") != "single process":
-            console.print(f"data parallel: {info['world']}; rank 0 logs, evaluates and checkpoints; the loss is "
-                          f"the mean over the ranks (docs/distributed.md)", highlight=False)
+            who = ("rank 0 logs and writes; every rank evaluates and takes part in checkpoints"
+                   if "FSDP" in info["world"] else "rank 0 logs, evaluates and checkpoints")
+            console.print(f"data parallel: {info['world']}; {who}; the loss is the mean over the ranks "
+                          f"(docs/distributed.md)", highlight=False)
         if info["start_step"]:
             console.print(f"resuming at step {info['start_step']} of {c.steps}", highlight=False)
         if console.is_terminal:
@@ -208,6 +210,9 @@ def add_parsers(sub) -> None:
     tr.add_argument("--devices", type=int, metavar="N",
                     help="tinygrad: data parallel over N devices in one process (torch: torchrun, mlx: mlx.launch; "
                          "docs/distributed.md)")
+    tr.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch under torchrun: shard the weights, gradients and AdamW state over the ranks with "
+                         "FSDP2's fully_shard instead of DDP (docs/distributed.md)")
     tr.add_argument("--seed", type=int, help="the run's seed: initial weights, batches, samples")
     tr.add_argument("--eval-interval", type=int)
     tr.add_argument("--eval-iters", type=int)

@@ -75,12 +75,15 @@ def write_spec_table(doc: dict, path=SPEC_FILE) -> None:
 
 
 def calibration_cases(seeds: int, gpt2_seeds: int, variant_seeds: int, variants=None) -> list[Case]:
-    """GPT-2 over many seeds, on small configs and the full gpt2 shapes; every variant (or those
-    named) on small configs."""
+    """GPT-2 over many seeds, on small configs and the full gpt2 shapes, and on the trained checkpoint
+    (conformance/trained.py); every variant (or those named) on small configs."""
+    from .trained import trained_cases
+
     out = (
         [Case("test-tiny", s, batch=3, length=16) for s in range(seeds)]
         + [Case("test-mini", s, batch=2, length=48) for s in range(seeds)]
         + [Case("gpt2", s, batch=1, length=64) for s in range(gpt2_seeds)]
+        + (trained_cases("default") if variants is None or "gpt2" in variants else [])
     )
     for variant in variants or VARIANTS:
         if variant != "gpt2":
@@ -88,14 +91,15 @@ def calibration_cases(seeds: int, gpt2_seeds: int, variant_seeds: int, variants=
     return out
 
 
-def measure(backends: list[str], cases: list[Case], dtypes=DTYPES, device=None, log=print) -> dict:
+def measure(backends: list[str], cases: list[Case], dtypes=DTYPES, device=None, log=print, on_check=None) -> dict:
+    """The largest error of every (dtype, quantity, metric); `on_check(check, backend, case_id)` sees every check."""
     # measuring needs no bounds: run under infinite ones (the file may lack a new quantity yet)
     tolerance.policy.cache_clear()
     unbounded = {"bounds": {d: {q: dict.fromkeys(METRICS, math.inf) for q in QUANTITIES} for d in DTYPES}}
     original = tolerance.policy
     tolerance.policy = lambda: unbounded
     try:
-        return _measure(backends, cases, dtypes, device, log)
+        return _measure(backends, cases, dtypes, device, log, on_check)
     finally:
         tolerance.policy = original
 
@@ -114,7 +118,7 @@ def measured_outcomes(outcomes, case, dtype: str):
         yield out
 
 
-def _measure(backends, cases, dtypes, device, log) -> dict:
+def _measure(backends, cases, dtypes, device, log, on_check=None) -> dict:
     worst: dict = {d: {q: {m: {"value": 0.0} for m in METRICS} for q in QUANTITIES} for d in dtypes}
     resolved = [get(b) for b in backends]
     runs = 0
@@ -123,6 +127,8 @@ def _measure(backends, cases, dtypes, device, log) -> dict:
             for out in measured_outcomes(run_case(resolved, case, dtype, device, pairwise=False), case, dtype):
                 runs += 1
                 for c in out.checks:
+                    if on_check:
+                        on_check(c, out.subject, case.id)
                     for metric in METRICS:
                         value = getattr(c, metric)
                         slot = worst[dtype][c.quantity][metric]
@@ -157,7 +163,7 @@ def _step_of(check) -> int:
     return int(check.tensor.split(":")[0].split()[1])
 
 
-def measure_trajectories(backends: list[str], cases, log=print) -> dict:
+def measure_trajectories(backends: list[str], cases, log=print, on_check=None) -> dict:
     """The largest error of every (precision, step, quantity, metric) over the backends and cases, against
     the reference, measured under infinite bounds."""
     from ..spec.train import PRECISIONS
@@ -183,6 +189,8 @@ def measure_trajectories(backends: list[str], cases, log=print) -> dict:
                 for out in measured_outcomes(run_trajectory(resolved, case, precision, pairwise=False), case, precision):
                     runs += 1
                     for c in out.checks:
+                        if on_check:
+                            on_check(c, out.subject, case.id)
                         for metric in METRICS:
                             slot = (worst.setdefault(precision, {}).setdefault(_step_of(c), {})
                                     .setdefault(c.quantity, {}).setdefault(metric, {"value": 0.0}))
@@ -251,7 +259,78 @@ def write_trajectory_table(section: dict, path=SPEC_FILE) -> None:
     path.write_text(f"{head}{TRAJ_BEGIN}\n{trajectory_table(section)}\n{TRAJ_END}{tail}")
 
 
+def trajectory_before_bound(doc: dict):
+    """(check, metric) -> the per-horizon trajectory bound of the file `doc` (the unconditioned policy)."""
+    horizons = sorted(int(h) for h in doc["trajectory"]["horizons"])
+
+    def before(check, metric):
+        h = next(h for h in horizons if _step_of(check) <= h)
+        return doc["trajectory"]["bounds"][check.dtype][str(h)][check.quantity][metric]
+    return before
+
+
+def calibrate_trajectories_conditioned(args, backends) -> int:
+    """The conditioned constants of the training checks (SPEC.md 9, 20.11): per precision and quantity, from
+    the largest error / (u kappa) over the trajectory cases; into the file's trajectory["conditioned"]."""
+    from ..spec.train import PRECISIONS
+    from ..spec.tolerance import TRAJECTORY_QUANTITIES
+    from .calibrate_conditioned import Ratios
+
+    doc = json.loads(Path(args.out).read_text())
+    ratios = Ratios(PRECISIONS, TRAJECTORY_QUANTITIES, trajectory_before_bound(doc))
+    if args.ratios_from:
+        cases, runs, backends = [], 0, []
+        for f in args.ratios_from:
+            part = json.loads(Path(f).read_text())
+            ratios.load(part["ratios"])
+            backends = sorted(set(backends) | set(part["backends"]))
+            cases += part["cases"]
+            runs += part["runs"]
+    else:
+        chosen = trajectory_calibration_cases(args.seeds, 4, args.horizon, args.horizon_seeds, args.cases)
+        cases = [c.id for c in chosen]
+        print(f"calibrating the conditioned trajectory bounds on {', '.join(backends)}: {len(chosen)} cases",
+              file=sys.stderr)
+        runs = measure_trajectories(backends, chosen, log=lambda s: print(s, file=sys.stderr),
+                                    on_check=ratios.add)["runs"]
+        if args.ratios_out:
+            Path(args.ratios_out).write_text(json.dumps({"ratios": ratios.dump(), "backends": backends,
+                                                         "cases": cases, "runs": runs}))
+            return 0
+    constants, measured = ratios.section()
+    spread, before = ratios.spread(constants), ratios.spread_before()
+    # adopted where the estimate predicts the errors at least as well as the per-horizon bounds do (measured:
+    # median bound / error no larger); elsewhere the per-horizon bounds stay (SPEC.md 20.11 says why)
+    adopted = [[p, q] for p in PRECISIONS for q in TRAJECTORY_QUANTITIES
+               if q in spread.get(p, {}) and spread[p][q]["median"] <= before[p][q]["median"]]
+    doc["trajectory"]["conditioned"] = {
+        "policy": "bound = c x u(precision) x kappa per check, kappa its condition estimate through the steps "
+                  "(Monte Carlo arithmetic on the reference's training run); c as for the model checks; used for "
+                  "the adopted (precision, quantity) pairs only, whose median bound / error is no larger than the "
+                  "per-horizon bounds'. See spec/SPEC.md 9 and 20.11.",
+        "adopted": adopted,
+        "constants": constants,
+        "measured": measured,
+        "spread": spread,
+        "spread_before": before,
+        "calibration": {"date": datetime.date.today().isoformat(), "backends": sorted(backends), "runs": runs,
+                        "cases": sorted(set(cases)),
+                        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"},
+    }
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    tolerance.policy.cache_clear()
+    if args.out == str(TOLERANCES_FILE):
+        _write_between(TRAJ_COND_BEGIN, TRAJ_COND_END, conditioned_table(doc["trajectory"]["conditioned"],
+                                                                       PRECISIONS, TRAJECTORY_QUANTITIES))
+    print(conditioned_table(doc["trajectory"]["conditioned"], PRECISIONS, TRAJECTORY_QUANTITIES))
+    return 0
+
+
 def calibrate_trajectories(args, backends) -> int:
+    if args.conditioned:
+        return calibrate_trajectories_conditioned(args, backends)
     cases = trajectory_calibration_cases(args.seeds, 4, args.horizon, args.horizon_seeds, args.cases)
     print(f"calibrating trajectories on {', '.join(backends)}: {len(cases)} cases", file=sys.stderr)
     m = measure_trajectories(backends, cases, log=lambda s: print(s, file=sys.stderr))
@@ -300,6 +379,111 @@ def calibrate_trajectories(args, backends) -> int:
     return 0
 
 
+COND_BEGIN, COND_END = "<!-- conditioned:begin -->", "<!-- conditioned:end -->"
+
+
+TRAJ_COND_BEGIN, TRAJ_COND_END = "<!-- trajectory-conditioned:begin -->", "<!-- trajectory-conditioned:end -->"
+
+
+def _write_between(begin: str, end: str, body: str, path=SPEC_FILE) -> None:
+    text = path.read_text()
+    if begin not in text:
+        raise RuntimeError(f"{path} lacks the {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def conditioned_table(section: dict, dtypes=DTYPES, quantities=QUANTITIES) -> str:
+    """SPEC.md's table of conditioned constants, the ratio behind each and where, then the spread."""
+    from .calibrate_conditioned import spread_table
+
+    lines = ["| dtype | quantity | c (rel_l2) | largest error / (u kappa) | c (rel_max) | largest | worst case (rel_l2) |",
+             "|---|---|---|---|---|---|---|"]
+    for d in dtypes:
+        for q in quantities:
+            c, m = section["constants"][d][q], section["measured"][d][q]
+            where = m["rel_l2"]
+            lines.append(f"| {d} | {q} | {c['rel_l2']:g} | {m['rel_l2']['value']:.2f} | {c['rel_max']:g} | "
+                         f"{m['rel_max']['value']:.2f} | {where['backend']}, {where['case']}, `{where['tensor']}` |")
+    cal = section["calibration"]
+    if "adopted" in section:
+        lines += ["", "Adopted (the rest keep the per-horizon bounds): " + (", ".join(
+            f"{p} {q}" for p, q in section["adopted"]) or "none") + "."]
+    lines += ["", f"Calibrated {cal['date']} on {', '.join(cal['backends'])} ({cal['machine']}): {cal['runs']} runs "
+                  f"over {len(cal['cases'])} cases.", "",
+              "How far below its bound each check of that calibration landed (bound / error, both metrics), "
+              "with the conditioned bounds:", "", spread_table(section["spread"]), "",
+              "and with the per-quantity bounds above, one for every tensor of a quantity:", "",
+              spread_table(section["spread_before"])]
+    return "\n".join(lines)
+
+
+def calibrate_conditioned(args, backends) -> int:
+    from .calibrate_conditioned import Ratios
+
+    doc = json.loads(Path(args.out).read_text())
+    ratios = Ratios(DTYPES, QUANTITIES, lambda c, metric: doc["bounds"][c.dtype][c.quantity][metric])
+    if args.ratios_from:  # join calibrations run in other processes: nothing is measured here
+        cases, m, backends = [], {"runs": 0}, []
+        for f in args.ratios_from:
+            part = json.loads(Path(f).read_text())
+            ratios.load(part["ratios"])
+            backends += part["backends"]
+            cases += [argparse.Namespace(id=c) for c in part["cases"]]
+            m["runs"] += part["runs"]
+    else:
+        if args.cases == "default":  # the default tier's cases of every variant (for a backend too slow for more)
+            from .cases import cases as tier_cases
+
+            cases = tier_cases("default", variants=args.variant or VARIANTS)
+        else:
+            cases = calibration_cases(args.seeds, args.gpt2_seeds, args.variant_seeds, args.variant)
+        print(f"calibrating the conditioned bounds on {', '.join(backends)}: {len(cases)} cases x {len(DTYPES)} "
+              "dtypes", file=sys.stderr)
+        done: list[str] = []
+
+        def log(line: str) -> None:
+            print(line, file=sys.stderr)
+            if args.ratios_out:  # after every case and dtype: a part stopped early keeps what it measured
+                done.append(line.strip().split(" ")[0])
+                Path(args.ratios_out).write_text(json.dumps({"ratios": ratios.dump(), "backends": backends,
+                                                             "cases": sorted(set(done)), "runs": len(done)}))
+
+        m = measure(backends, cases, device=args.device, log=log, on_check=ratios.add)
+        if args.ratios_out:
+            return 0
+    earlier = doc.get("conditioned") if args.merge else None
+    if earlier:
+        ratios.merge(earlier["measured"])
+    constants, measured = ratios.section()
+    calibration = {
+        "date": datetime.date.today().isoformat(),
+        "backends": sorted(set(backends) | set(earlier["calibration"]["backends"] if earlier else ())),
+        "runs": m["runs"] + (earlier["calibration"]["runs"] if earlier else 0),
+        "cases": sorted({c.id for c in cases} | set(earlier["calibration"]["cases"] if earlier else ())),
+        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+    }
+    doc["conditioned"] = {
+        "policy": "bound = c x u(dtype) x kappa per tensor, kappa its condition estimate (Monte Carlo arithmetic, "
+                  "spec/reference/conditioning.py); c = smallest {1,1.2,1.5,2,2.5,3,4,5,6,8}x10^k >= 3 x the largest "
+                  "error / (u kappa) measured; pairwise 2 x bound. See spec/SPEC.md 9.",
+        "constants": constants,
+        "measured": measured,
+        "spread": ratios.spread(constants),
+        "spread_before": ratios.spread_before(),
+        "calibration": calibration,
+    }
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    tolerance.policy.cache_clear()
+    if args.out == str(TOLERANCES_FILE):
+        _write_between(COND_BEGIN, COND_END, conditioned_table(doc["conditioned"]))
+    print(conditioned_table(doc["conditioned"]))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gptspec.conformance.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,12 +500,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(TOLERANCES_FILE))
     ap.add_argument("--trajectories", action="store_true",
                     help="calibrate the training bounds (SPEC.md 20.11) instead: trajectory cases over --seeds seeds")
+    ap.add_argument("--conditioned", action="store_true",
+                    help="calibrate the constants of the per-tensor conditioned bounds (SPEC.md 9) instead, over the "
+                         "same cases as the bounds (--seeds, --gpt2-seeds, --variant-seeds, --variant, --merge); with "
+                         "--trajectories, those of the training checks")
+    ap.add_argument("--ratios-out", metavar="FILE",
+                    help="with --conditioned: write what was measured to FILE instead of the policy (one part of a "
+                         "calibration split over processes)")
+    ap.add_argument("--ratios-from", action="append", metavar="FILE",
+                    help="with --conditioned: join the parts written by --ratios-out into the policy; measures nothing")
     ap.add_argument("--horizon", type=int, default=None,
                     help="with --trajectories: also run the small cases this many steps (the heavy tier's 50)")
     ap.add_argument("--horizon-seeds", type=int, default=2, help="seeds of the --horizon runs")
     ap.add_argument("--cases", choices=("all", "small", "gpt2", "default"), default="all",
                     help="with --trajectories: the small configs over --seeds, the full gpt2 shapes, both, or the "
-                         "default tier's cases once")
+                         "default tier's cases once; with --conditioned, 'default' measures the default tier's cases "
+                         "of every variant instead of --seeds and the others")
     ap.add_argument("--merge-from", action="append", metavar="FILE",
                     help="with --trajectories: also keep the trajectory measurements of another calibration's "
                          "tolerances file (another process or machine); repeatable")
@@ -329,6 +523,8 @@ def main(argv=None) -> int:
     backends = args.backend or available()
     if args.trajectories:
         return calibrate_trajectories(args, backends)
+    if args.conditioned:
+        return calibrate_conditioned(args, backends)
     cases = calibration_cases(args.seeds, args.gpt2_seeds, args.variant_seeds, args.variant)
     print(f"calibrating on {', '.join(backends)}: {len(cases)} cases x {len(DTYPES)} dtypes", file=sys.stderr)
     m = measure(backends, cases, device=args.device, log=lambda s: print(s, file=sys.stderr))

@@ -250,14 +250,16 @@ def reference_for(case: Case, dtype: str, tokens: np.ndarray, targets: np.ndarra
     rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ref.params.items()}
     r = reference.loss_and_grads(ref.spec, rounded, tokens, targets, draws)
     stats = reference.residual_stats(ref.spec, rounded, tokens) if ref.stats is not None else None
+    kappa = reference.condition(ref.spec, ref.params, tokens, targets, draws, ref.perturbed, seed=case.seed)
     return replace(ref, tokens=tokens, targets=targets, draws=draws, logits=r.logits, loss=r.loss, grads=r.grads,
-                   stats=stats)
+                   stats=stats, kappa=kappa)
 
 
-def _checks(x: Run, y, art: Artifact, subject: str, pairwise: bool, names: tuple[str, str]) -> list[Check]:
+def _checks(x: Run, y, art: Artifact, subject: str, pairwise: bool, names: tuple[str, str],
+            kappa: dict | None = None) -> list[Check]:
     return compare_runs(x, y, case=art.case, subject=subject, device=art.meta["device"], dtype=art.dtype,
                         pairwise=pairwise, names=names, param_names=[p.name for p in param_table(art.spec)],
-                        spec=art.spec)
+                        spec=art.spec, kappa=kappa)
 
 
 def _label(arts: list[Artifact]) -> None:
@@ -300,7 +302,8 @@ def compare(paths: Iterable[str | os.PathLike], weights: Iterable[str] = ()) -> 
                 result.outcomes.append(o)
             for a, b in combinations(members, 2):
                 subject = f"{a.label}~{b.label}"
-                checks = _checks(a.run, b.run, a, subject, True, (a.label, b.label))
+                # each tensor's bound rests on its condition estimate where the reference is here (SPEC.md 9)
+                checks = _checks(a.run, b.run, a, subject, True, (a.label, b.label), ref.kappa if ref else None)
                 result.outcomes.append(Outcome(case, subject, f"{a.meta['device']}/{b.meta['device']}", dtype,
                                                "ran", checks, synthetic=a.synthetic))
     return result

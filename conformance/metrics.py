@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..spec.tolerance import METRICS, bound
+from ..spec.tolerance import METRICS, bound, conditioned_bound, effective_kappa, is_conditioned
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Check:
     bound_l2: float
     bound_max: float
     note: str = ""     # why it failed, when not (only) a number: NaN, missing tensor, ...
+    kappa_l2: float = math.nan   # the tensor's condition estimates (SPEC.md 9), where its bound rests on them
+    kappa_max: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -33,10 +35,15 @@ class Check:
         """Error over bound for the tighter metric: <= 1 passes."""
         if self.note:
             return math.inf
-        return max(self.rel_l2 / self.bound_l2, self.rel_max / self.bound_max)
+        return max(ratio(self.rel_l2, self.bound_l2), ratio(self.rel_max, self.bound_max))
 
     def as_dict(self) -> dict:
         return dict(asdict(self), ok=self.ok, worst_ratio=self.worst_ratio)
+
+
+def ratio(error: float, bound: float) -> float:
+    # a bound of 0 (a tensor the reference computes without rounding, kappa 0) admits only no error
+    return error / bound if bound else (0.0 if error == 0 else math.inf)
 
 
 def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -54,15 +61,24 @@ def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
 def compare(
     x, ref, *, case: str, subject: str, device: str, dtype: str, quantity: str, tensor: str,
     pairwise: bool = False, names: tuple[str, str] = ("backend", "reference"),
-    bound_l2: float | None = None, bound_max: float | None = None,
+    bound_l2: float | None = None, bound_max: float | None = None, kappa: tuple[float, float] | None = None,
 ) -> Check:
     """Check x against ref. NaN or Inf on either side fails, with a note naming the side.
-    The bounds are the tolerance policy's for (dtype, quantity) unless given (bound_l2, bound_max:
-    e.g. the trajectory bounds, which depend on the step count too)."""
-    b_l2, b_max = (given if given is not None else bound(dtype, quantity, m, pairwise)
-                   for given, m in zip((bound_l2, bound_max), METRICS))
+    The bounds are, unless given (bound_l2, bound_max: e.g. the trajectory bounds, which depend on the
+    step count too), the tensor's own when its condition estimates `kappa` (reference.condition's) are given
+    and the policy is conditioned (SPEC.md 9: c x u x kappa), else the policy's for (dtype, quantity)."""
+    def policy_bound(metric, k):
+        if k is not None and is_conditioned():
+            return conditioned_bound(dtype, quantity, metric, k, pairwise)
+        return bound(dtype, quantity, metric, pairwise)
+
+    kappas = (None, None) if kappa is None else tuple(effective_kappa(dtype, m, kappa) for m in METRICS)
+    b_l2, b_max = (given if given is not None else policy_bound(m, k)
+                   for given, m, k in zip((bound_l2, bound_max), METRICS, kappas))
     fields = dict(case=case, subject=subject, device=device, dtype=dtype, quantity=quantity,
                   tensor=tensor, bound_l2=b_l2, bound_max=b_max)
+    if kappa is not None:
+        fields.update(kappa_l2=kappas[0], kappa_max=kappas[1])
     nan = math.nan
     if x is None or ref is None:
         missing = names[0] if x is None else names[1]

@@ -9,7 +9,7 @@ from typing import Iterable
 from rich.console import Console
 from rich.table import Table
 
-from .metrics import Check
+from .metrics import Check, ratio as _ratio
 from .runner import Outcome
 
 
@@ -18,11 +18,20 @@ def _cell(check: Check | None, named: bool = True) -> str:
         return "-"
     if check.note:
         return f"[red]{check.tensor}: {check.note}[/red]"
-    l2 = check.rel_l2 / check.bound_l2 >= check.rel_max / check.bound_max
+    l2 = _ratio(check.rel_l2, check.bound_l2) >= _ratio(check.rel_max, check.bound_max)
     err, bnd = (check.rel_l2, check.bound_l2) if l2 else (check.rel_max, check.bound_max)
     color = "green" if check.ok else "red"
     name = "" if check.tensor in ("logits", "loss") or not named else f" {check.tensor}"
-    return f"[{color}]{err:.1e}[/{color}] / {bnd:.0e}{name}"
+    return f"[{color}]{err:.1e}[/{color}] / {_bound(bnd)}{name}"
+
+
+def _bound(b: float) -> str:
+    # a policy bound is a round number (5e-06); a conditioned one (c u kappa, SPEC.md 9) is not
+    return f"{b:.0e}" if float(f"{b:.0e}") == b else f"{b:.1e}"
+
+
+def _kappa(c: Check) -> str:
+    return "-" if c.kappa_l2 != c.kappa_l2 else f"{c.kappa_l2:.3g} / {c.kappa_max:.3g}"
 
 
 def _status(o: Outcome) -> str:
@@ -99,17 +108,17 @@ def summary(o: Outcome) -> str:
 
 def details(outcome: Outcome, only_failures: bool = False) -> Table:
     t = Table(title=f"{outcome.subject} on {outcome.case} ({outcome.dtype}, {outcome.device})")
-    for col in ("tensor", "max abs", "rel l2", "bound", "rel max", "bound", "ok"):
+    for col in ("tensor", "max abs", "rel l2", "bound", "rel max", "bound", "kappa (l2 / max)", "ok"):
         t.add_column(col)
     for c in outcome.checks:
         if only_failures and c.ok:
             continue
-        t.add_row(c.tensor, f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.bound_l2:.0e}", f"{c.rel_max:.2e}",
-                  f"{c.bound_max:.0e}", "[green]yes[/green]" if c.ok else f"[red]NO {c.note}[/red]")
+        t.add_row(c.tensor, f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", _bound(c.bound_l2), f"{c.rel_max:.2e}",
+                  _bound(c.bound_max), _kappa(c), "[green]yes[/green]" if c.ok else f"[red]NO {c.note}[/red]")
     for v in outcome.verdicts:
         if only_failures and v.ok:
             continue
-        t.add_row("greedy tokens", "", "", "", "", "", f"[green]yes: {v}[/green]" if v.ok else f"[red]NO: {v}[/red]")
+        t.add_row("greedy tokens", "", "", "", "", "", "", f"[green]yes: {v}[/green]" if v.ok else f"[red]NO: {v}[/red]")
     return t
 
 
@@ -160,8 +169,9 @@ def _md_cell(c: Check | None) -> str:
         return "-"
     if c.note:
         return f"**FAIL** {c.note}"
-    err, bnd = (c.rel_l2, c.bound_l2) if c.rel_l2 / c.bound_l2 >= c.rel_max / c.bound_max else (c.rel_max, c.bound_max)
-    return f"{err:.1e} / {bnd:.0e}" + ("" if c.ok else " **FAIL**")
+    err, bnd = (c.rel_l2, c.bound_l2) if _ratio(c.rel_l2, c.bound_l2) >= _ratio(c.rel_max, c.bound_max) \
+        else (c.rel_max, c.bound_max)
+    return f"{err:.1e} / {_bound(bnd)}" + ("" if c.ok else " **FAIL**")
 
 
 def _slug(text: str) -> str:

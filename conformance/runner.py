@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from ..backends import Backend, get
 from ..spec import param_table, reference
 from ..weights import round_to_dtype
+from . import workers
 from .cases import Case, exit_draws
 from .metrics import Check, compare
 
@@ -86,6 +87,7 @@ class Reference:
     perturbed: dict[str, np.ndarray] | None = None   # off-sphere weights for the normalization check
     normalized: dict[str, np.ndarray] | None = None  # the reference's normalization of them
     stats: dict[str, np.ndarray] | None = None       # residual_stats (SPEC.md 18.4) of the rounded weights
+    kappa: Mapping[str, tuple] | None = None  # each checked tensor's condition estimates (SPEC.md 9)
 
 
 def has_unit_norm_weights(spec) -> bool:
@@ -113,6 +115,37 @@ def _frozen(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return params
 
 
+class Conditioning(Mapping):
+    """A case's condition estimates, computed on first use (the KV-cache and greedy checks, which share the
+    reference, never use them: for the gpt2 shapes that saves ~7 passes of the reference)."""
+
+    def __init__(self, case: Case):
+        self.case = case
+
+    def _estimates(self) -> dict:
+        return conditioning(self.case)
+
+    def __getitem__(self, name):
+        return self._estimates()[name]
+
+    def __iter__(self):
+        return iter(self._estimates())
+
+    def __len__(self) -> int:
+        return len(self._estimates())
+
+
+@lru_cache(maxsize=8)  # a few numbers per tensor: tests that come back to a case find them
+def conditioning(case: Case) -> dict[str, tuple[float, float]]:
+    """The condition estimate of every tensor the case's checks compare (SPEC.md 9), once per case: it does
+    not depend on the dtype (a bound is c x u(dtype) x kappa), so every dtype and backend of the case shares it."""
+    ckpt = case.checkpoint()
+    tokens, targets = case.inputs(ckpt.spec)
+    draws = exit_draws(ckpt.spec, ckpt.params, tokens, case.seed)
+    off_sphere = perturb(ckpt.spec, ckpt.params, case.seed) if has_unit_norm_weights(ckpt.spec) else None
+    return reference.condition(ckpt.spec, ckpt.params, tokens, targets, draws, off_sphere, seed=case.seed)
+
+
 @lru_cache(maxsize=1)
 def reference_run(case: Case, dtype: str) -> Reference:
     ckpt = case.checkpoint()
@@ -121,7 +154,7 @@ def reference_run(case: Case, dtype: str) -> Reference:
     rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in ckpt.params.items()}
     ref = reference.loss_and_grads(ckpt.spec, rounded, tokens, targets, draws)
     out = Reference(ckpt.spec, tokens, targets, _frozen(ckpt.params), ref.logits, ref.loss, ref.grads, ckpt.synthetic,
-                    draws=draws)
+                    draws=draws, kappa=Conditioning(case))
     if ckpt.spec.architecture == "gpt2":
         out.stats = reference.residual_stats(ckpt.spec, rounded, tokens)
     del rounded, ref  # the float64 weights, before the off-sphere copies are made
@@ -153,11 +186,17 @@ _runs: dict[tuple, Run] = {}
 
 
 def cached_run(backend: Backend, case: Case, ref: Reference, dtype: str, device: str) -> Run:
+    """The backend's run of (case, dtype, device): cached, else taken from the suite's worker process
+    where it computes it (conformance/workers.py), else computed here."""
     key = (backend.name, case, dtype, device)
     if key not in _runs:
         if any(k[1:3] != (case, dtype) for k in _runs):
             _runs.clear()
-        _runs[key] = backend_run(backend, ref, dtype, device)
+        offload = workers.current
+        if offload is not None and offload.serves(key):
+            _runs[key] = offload.take(key)
+        else:
+            _runs[key] = backend_run(backend, ref, dtype, device)
     return _runs[key]
 
 
@@ -165,7 +204,7 @@ def release() -> None:
     """Forget the cached runs and the reference of the last (case, dtype): when the suite moves on,
     their gradients and the float64 answers need not live on beside the next case's."""
     _runs.clear()
-    reference_run.cache_clear()
+    reference_run.cache_clear()  # (the case's condition estimates stay: a few numbers, shared by its dtypes)
 
 
 # SPEC.md 9: the early-exit loss and its gradients are worse conditioned than the cross-entropy (their
@@ -174,30 +213,34 @@ EXIT_PREFIX = "exit_"
 
 
 def compare_runs(x: Run, y, *, case: str, subject: str, device: str, dtype: str, pairwise: bool,
-                 names: tuple[str, str], param_names: Iterable[str], spec=None) -> list[Check]:
+                 names: tuple[str, str], param_names: Iterable[str], spec=None,
+                 kappa: dict[str, tuple[float, float]] | None = None) -> list[Check]:
     """Checks of x against y (a Run or the Reference): logits, loss, every gradient by name, the
-    residual statistics and the normalized weights where there are any."""
-    common = dict(case=case, subject=subject, device=device, dtype=dtype, pairwise=pairwise, names=names)
+    residual statistics and the normalized weights where there are any. Each tensor's bound rests on its
+    condition estimate (SPEC.md 9) where `kappa` (default: the Reference's) names it."""
     spec = spec if spec is not None else getattr(y, "spec", None)
+    kappa = kappa if kappa is not None else getattr(y, "kappa", None) or {}
     prefix = EXIT_PREFIX if spec is not None and spec.loss == "early_exit" else ""
-    checks = [
-        compare(x.logits, y.logits, quantity="logits", tensor="logits", **common),
-        compare(np.float64(x.loss), np.float64(y.loss), quantity=prefix + "loss", tensor="loss", **common),
-    ]
+
+    def check(got, want, quantity, tensor):
+        return compare(got, want, case=case, subject=subject, device=device, dtype=dtype, pairwise=pairwise,
+                       names=names, quantity=quantity, tensor=tensor, kappa=kappa.get(tensor))
+
+    checks = [check(x.logits, y.logits, "logits", "logits"),
+              check(np.float64(x.loss), np.float64(y.loss), prefix + "loss", "loss")]
     expected = list(param_names)
     for name in expected:
-        checks.append(compare(x.grads.get(name), y.grads.get(name), quantity=prefix + "grads", tensor=name, **common))
+        checks.append(check(x.grads.get(name), y.grads.get(name), prefix + "grads", name))
     for name in sorted(set(x.grads) - set(expected)):
-        checks.append(compare(x.grads[name], None, quantity=prefix + "grads", tensor=name, **common))
+        checks.append(check(x.grads[name], None, prefix + "grads", name))
     if y.stats is not None:
         got = x.stats or {}
         for name in y.stats:
-            checks.append(compare(got.get(name), y.stats[name], quantity="stats", tensor=f"residual {name}", **common))
+            checks.append(check(got.get(name), y.stats[name], "stats", f"residual {name}"))
     if y.normalized is not None:
         got = x.normalized or {}
         for name in expected:
-            checks.append(compare(got.get(name), y.normalized[name], quantity="weights",
-                                  tensor=f"normalized {name}", **common))
+            checks.append(check(got.get(name), y.normalized[name], "weights", f"normalized {name}"))
     return checks
 
 
@@ -286,7 +329,7 @@ def run_case(
             subject = f"{a}~{b}"
             dev = devices[a] if devices[a] == devices[b] else f"{devices[a]}/{devices[b]}"
             checks = compare_runs(runs[a], runs[b], case=case.id, subject=subject, device=dev, dtype=dtype,
-                                  pairwise=True, names=(a, b), param_names=names, spec=spec)
+                                  pairwise=True, names=(a, b), param_names=names, spec=spec, kappa=ref.kappa)
             emit(Outcome(case.id, subject, dev, dtype, "ran", checks, synthetic=case.synthetic))
     return outcomes
 
@@ -294,23 +337,40 @@ def run_case(
 def run(
     backends: Iterable[str | Backend], cases: Iterable[Case], dtypes: Iterable[str] | None = None,
     device: str | None = None, pairwise: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
-    on_start: OnStart | None = None, generation: Iterable[Case] = (),
+    on_start: OnStart | None = None, generation: Iterable[Case] = (), worker_processes: int | None = None,
 ) -> list[Outcome]:
     """The suite: every case x dtype x backend (and pair). Dtypes default to all the spec defines.
     `generation`: the cases (of `cases`) whose KV cache and greedy decoding are checked too
     (conformance/generation.py, e.g. generation_cases(cases)), each right after its case's own rows,
     so that the reference is reused. `on_outcome` gets each outcome as it is known, `on_start` each
-    long step as it begins."""
+    long step as it begins. tinygrad's runs are computed in worker processes beside this one
+    (conformance/workers.py; the same results): `worker_processes` of them at most (default
+    $GPTSPEC_CONFORMANCE_WORKERS, else 1; 0: none, everything in this process)."""
     from ..spec import DTYPES
     from .generation import run_generation
 
     resolved = [get(b) if isinstance(b, str) else b for b in backends]
-    generating = set(generation)
+    cases, dtypes, generating = list(cases), list(dtypes or DTYPES), set(generation)
     outcomes = []
-    for case in cases:
-        for dtype in dtypes or DTYPES:
-            outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
-            if case in generating:
-                outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
-            release()
+    count = workers.worker_count(worker_processes)
+    offload = workers.Offload((b.name, plan) for b in workers.offloaded(resolved, count)
+                              for plan in workers.split(_plan(b, cases, dtypes, device), count))
+    workers.current = offload
+    try:
+        for case in cases:
+            for dtype in dtypes:
+                outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+                if case in generating:
+                    outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+                release()
+    finally:  # Ctrl-C or a crash here ends the worker too
+        workers.current = None
+        offload.close()
     return outcomes
+
+
+def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | None) -> list[tuple]:
+    """The (case, dtype, device) runs of `backend` that run_case will ask for, in the suite's order."""
+    dev = device or backend.devices()[0]
+    return [(case, dtype, dev) for case in cases if not memory_gap(case)
+            for dtype in dtypes if not backend_gap(backend, case.spec, dtype, dev)]

@@ -38,7 +38,8 @@ from ..backends import Backend, get
 from ..spec import IGNORE_INDEX, ModelSpec, param_table, reference
 from ..spec.reference.training import TrainState
 from ..spec.variants import VARIANTS
-from ..spec.tolerance import METRICS, TRAJECTORY_QUANTITIES, trajectory_bound
+from ..spec.tolerance import (METRICS, TRAJECTORY_QUANTITIES, trajectory_bound, trajectory_conditioned_bound,
+                              trajectory_is_conditioned)
 from ..spec.train import PRECISIONS, TrainSpec
 from ..weights import round_to_dtype
 from .cases import Case, exit_draws
@@ -193,6 +194,7 @@ class ReferenceTrajectory(Trajectory):
     batches: list = field(default_factory=list)
     draws: list | None = None                                      # draws[i][k], loss="early_exit" only
     null: dict[str, np.ndarray] = field(default_factory=dict)      # name -> mask of zero-gradient elements
+    kappa: dict | None = None  # (quantity, check tensor) -> the condition estimates of its checks (SPEC.md 9, 20.11)
 
 
 def _compute_weights(train_spec: TrainSpec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,8 +252,47 @@ def reference_trajectory(case: TrajectoryCase, precision: str) -> ReferenceTraje
             out.null = null_elements(state)
         if i + 1 in case.checkpoints:
             out.states[i + 1] = state.copy() if i + 1 < case.steps else state
+    if spec.n_params <= CONDITIONED_PARAMS:
+        out.kappa = trajectory_conditioning(case, out)
     out.seconds = time.perf_counter() - start
     return out
+
+
+# The estimate holds a perturbed training state beside the exact outputs (~10 float64 copies of the weights):
+# for the gpt2-shaped one-step case that is ~10 GB on top of the run's own, so larger models keep the
+# per-horizon bounds (SPEC.md 20.11)
+CONDITIONED_PARAMS = 20_000_000
+
+
+def trajectory_conditioning(case: TrajectoryCase, ref: ReferenceTrajectory, samples: int = 4) -> dict:
+    """Every trajectory check's condition estimate (SPEC.md 9): the reference's training run repeated with every
+    operation randomly rounded (spec/reference/conditioning.py), from the same weights, batches and draws; its
+    errors per step (loss, gradient norm) and at each checkpoint (weight change, moments), in units of the
+    perturbation. The estimate follows the errors through the steps, so the bound of step 4 grows as its
+    errors do, without a constant per step horizon."""
+    from ..spec.reference import conditioning
+
+    table = [p.name for p in param_table(ref.spec)]
+    initial = {n: np.asarray(a, np.float64) for n, a in ref.initial.items()}
+
+    def compute(perturbed: bool) -> dict:
+        state = TrainState.initial(ref.spec, conditioning.noisy(initial) if perturbed else initial)
+        out = {}
+        for i, micro_batches in enumerate(ref.batches):
+            draws = None if ref.draws is None else [ref.draws[i]]
+            r = reference.train(ref.spec, ref.train_spec, state, [micro_batches], draws)
+            state, s = r.state, i + 1
+            out[("train_loss", f"step {s}")] = r.losses[0]
+            out[("train_grad_norm", f"step {s}")] = r.grad_norms[0]
+            if s in ref.states:
+                for name in table:
+                    keep = None if name not in ref.null else ~ref.null[name]
+                    out[("train_weights", f"step {s}: {name}")] = _change(state, initial, name, keep)
+                    out[("train_m", f"step {s}: {name}")] = state.m[name]
+                    out[("train_v", f"step {s}: {name}")] = state.v[name]
+        return out
+
+    return conditioning.estimate(compute, samples, seed=[case.seed, 20])
 
 
 def _compact(state: TrainState) -> TrainState:
@@ -300,11 +341,17 @@ def trains(backend: Backend) -> bool:
 
 
 # -- the checks -------------------------------------------------------------------------------------
-def _check(x, ref, *, precision: str, steps: int, quantity: str, pairwise: bool, **labels) -> Check:
-    """compare()'s metrics and failure notes, under the trajectory bound of (precision, steps, quantity)."""
-    b_l2, b_max = (trajectory_bound(precision, steps, quantity, m, pairwise) for m in METRICS)
-    return compare(x, ref, dtype=precision, quantity=quantity, pairwise=pairwise, bound_l2=b_l2, bound_max=b_max,
-                   **labels)
+def _check(x, ref, *, precision: str, steps: int, quantity: str, pairwise: bool, kappa=None, **labels) -> Check:
+    """compare()'s metrics and failure notes, under the check's conditioned bound (SPEC.md 9: c x u x kappa)
+    where its condition estimate `kappa` is known and the policy holds the constants, else under the
+    trajectory bound of (precision, steps, quantity)."""
+    if kappa is not None and trajectory_is_conditioned(precision, quantity):
+        b_l2, b_max = (trajectory_conditioned_bound(precision, quantity, m, k, pairwise) for m, k in zip(METRICS, kappa))
+    else:
+        b_l2, b_max = (trajectory_bound(precision, steps, quantity, m, pairwise) for m in METRICS)
+    check = compare(x, ref, dtype=precision, quantity=quantity, pairwise=pairwise, bound_l2=b_l2, bound_max=b_max,
+                    **labels)
+    return check if kappa is None else dataclasses.replace(check, kappa_l2=kappa[0], kappa_max=kappa[1])
 
 
 def _change(state: TrainState | None, initial: dict, name: str, keep: np.ndarray | None):
@@ -319,24 +366,28 @@ def compare_trajectories(x: Trajectory, y: Trajectory, ref: ReferenceTrajectory,
     """x against y (the reference or another backend): per step the loss and the gradient norm; at each
     checkpoint every tensor's weight change (zero-gradient elements excluded) and its moments."""
     common = dict(case=case, subject=subject, device=device, precision=precision, pairwise=pairwise, names=names)
+    kappa = ref.kappa or {}
     checks = []
     n = len(ref.losses)
     for quantity, got, want in (("train_loss", x.losses, y.losses), ("train_grad_norm", x.grad_norms, y.grad_norms)):
         for s in range(1, n + 1):
             a = np.float64(got[s - 1]) if s <= len(got) else None
             b = np.float64(want[s - 1]) if s <= len(want) else None
-            checks.append(_check(a, b, steps=s, quantity=quantity, tensor=f"step {s}", **common))
+            checks.append(_check(a, b, steps=s, quantity=quantity, tensor=f"step {s}",
+                                 kappa=kappa.get((quantity, f"step {s}")), **common))
     table = [p.name for p in param_table(ref.spec)]
     for k in sorted(ref.states):
         sx, sy = x.states.get(k), y.states.get(k)
         for name in table:
             keep = None if name not in ref.null else ~ref.null[name]
             checks.append(_check(_change(sx, ref.initial, name, keep), _change(sy, ref.initial, name, keep),
-                                 steps=k, quantity="train_weights", tensor=f"step {k}: {name}", **common))
+                                 steps=k, quantity="train_weights", tensor=f"step {k}: {name}",
+                                 kappa=kappa.get(("train_weights", f"step {k}: {name}")), **common))
             for quantity, group in (("train_m", "m"), ("train_v", "v")):
                 a = None if sx is None else getattr(sx, group).get(name)
                 b = None if sy is None else getattr(sy, group).get(name)
-                checks.append(_check(a, b, steps=k, quantity=quantity, tensor=f"step {k}: {name}", **common))
+                checks.append(_check(a, b, steps=k, quantity=quantity, tensor=f"step {k}: {name}",
+                                     kappa=kappa.get((quantity, f"step {k}: {name}")), **common))
     return checks
 
 

@@ -20,7 +20,7 @@ from ..spec.train import TrainSpec
 SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 #: fields a resumed run may change (SPEC.md 22.3); every other field must match the checkpoint's
 OPERATIONAL = ("backend", "device", "compile", "steps", "eval_interval", "eval_iters", "ckpt_interval",
-               "log_interval", "sample_tokens", "hellaswag", "hellaswag_limit", "devices")
+               "log_interval", "sample_tokens", "hellaswag", "hellaswag_limit", "devices", "fsdp")
 PRECISION_ALIASES = {"float32": "float32", "fp32": "float32", "mixed_bfloat16": "mixed_bfloat16",
                      "bfloat16": "mixed_bfloat16", "bf16": "mixed_bfloat16"}
 
@@ -46,6 +46,7 @@ class RunConfig:
     device: str | None = None
     compile: bool | None = None         # None: the backend's measured default (runs/compile.py)
     devices: int = 1                    # tinygrad: data parallel over this many devices in one process (SPEC.md 25)
+    fsdp: bool = False                  # torch under torchrun: shard the model with fully_shard (SPEC.md 25.7)
 
     def __post_init__(self):
         problems = []
@@ -56,6 +57,8 @@ class RunConfig:
                 problems.append(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.sample_tokens, bool) or not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             problems.append(f"sample_tokens must be an int >= 0, got {self.sample_tokens!r}")
+        if not isinstance(self.fsdp, bool):
+            problems.append(f"fsdp must be True or False, got {self.fsdp!r}")
         if self.hellaswag_limit is not None and (isinstance(self.hellaswag_limit, bool)
                                                  or not isinstance(self.hellaswag_limit, int) or self.hellaswag_limit < 1):
             problems.append(f"hellaswag_limit must be None or an int >= 1, got {self.hellaswag_limit!r}")

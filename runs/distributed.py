@@ -6,13 +6,16 @@ averages its A micro-batch gradients (loss / A), and the engine averages the W r
 The run's TrainSpec keeps the global grad_accum W*A; a rank's step runs with grad_accum A.
 
 - torch: DDP under torchrun, found from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) as
-  nanoGPT does; gloo on CPU, NCCL on CUDA.
+  nanoGPT does; gloo on CPU, NCCL on CUDA. With --fsdp, FSDP2's fully_shard instead (SPEC.md 25.7): the
+  weights, gradients and moments sharded over the ranks, the same step.
 - MLX: mx.distributed under mlx.launch (MLX_RANK in the environment); nn.average_gradients.
 - tinygrad: one process over N devices (RunConfig.devices): parameters replicated, each micro-step's
   W micro-batches concatenated and sharded on axis 0; the all-reduce happens in backward.
 
 Only rank 0 writes (metrics, checkpoints) and evaluates; every rank runs every collective, and no
-collective sits inside evaluation. Each step every rank's (loss, grad norm) is gathered: the run's loss
+collective sits inside evaluation. Under FSDP (World.sharded) no rank holds the whole model: every rank
+evaluates (the forward gathers each block's weights) and takes part in each checkpoint's gather, and rank 0
+alone writes. Each step every rank's (loss, grad norm) is gathered: the run's loss
 is their mean and the gradient norms (taken after the sync) must be bit-equal, else the run stops
 naming the rank that differs. At the start the ranks compare a hash of the config and the data.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -45,6 +49,8 @@ class World:
     rank, size, shards = 0, 1, 1
     engine = "single process"
     device: str | None = None         # the device this rank must use (torchrun on CUDA: cuda:LOCAL_RANK)
+    sharded = False                   # FSDP: the model is spread over the ranks, so evaluating and
+                                      # checkpointing are collectives every rank runs
 
     @property
     def is_main(self) -> bool:
@@ -142,7 +148,7 @@ class TorchWorld(World):
         if cuda:
             torch.cuda.set_device(self.local_rank)
         self.backend = "nccl" if cuda else "gloo"
-        self.engine = f"torch DDP ({self.backend}, {self.size} rank{'s' * (self.size != 1)})"
+        self.use_fsdp(False)
         try:
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.size,
                                     timeout=datetime.timedelta(seconds=timeout_s()))
@@ -152,10 +158,17 @@ class TorchWorld(World):
                                f"{os.environ.get('MASTER_PORT')}): {e}") from e
         self.dist = dist
 
-    def prepare(self, model) -> None:
-        from ..backends.torch.train import attach_ddp
+    def use_fsdp(self, fsdp: bool) -> None:
+        """DDP (replicated weights) or FSDP2 (sharded weights): the engine, chosen once the run's config is known."""
+        self.sharded = fsdp
+        self.engine = (f"torch {'FSDP2 fully_shard' if fsdp else 'DDP'} ({self.backend}, {self.size} "
+                       f"rank{'s' * (self.size != 1)})")
 
-        attach_ddp(model, fault())
+    def prepare(self, model) -> None:
+        from ..backends.torch.train import attach_ddp, attach_fsdp
+
+        (attach_fsdp if self.sharded else attach_ddp)(model, fault())
+        self.model = model
 
     def all_gather(self, values) -> np.ndarray:
         import torch
@@ -179,6 +192,13 @@ class TorchWorld(World):
                                f"{text.splitlines()[0]}") from e
 
     def close(self) -> None:
+        # DDP's wrapper and the model hold each other, so without this its reducer (and a comm hook) is freed
+        # by the collector during interpreter shutdown, which now and then aborted a rank at exit ("terminate
+        # called without an active exception", under the divide_by control): free it while Python is whole
+        model = self.__dict__.pop("model", None)
+        if model is not None:
+            model.__dict__.pop("_ddp", None)
+            gc.collect()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
@@ -259,10 +279,14 @@ def micro_draws(world: World, draws: list, grad_accum: int) -> list:
     return [np.concatenate([draws[d * a + k] for d in range(world.shards)], axis=1) for k in range(a)]
 
 
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ  # nanoGPT's test: torchrun, even with one rank
+
+
 def detect(device: str | None, devices: int) -> World:
     """The world this process trains in, from its launcher's environment: torchrun's (RANK, WORLD_SIZE),
     mlx.launch's (MLX_RANK), else tinygrad's --devices N in one process, else one process."""
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # nanoGPT's test: torchrun, even with one rank
+    if launched_by_torchrun():
         return TorchWorld(device)
     if "MLX_RANK" in os.environ:
         return MlxWorld()
@@ -271,8 +295,16 @@ def detect(device: str | None, devices: int) -> World:
     return World()
 
 
-def check_backend(world: World, backend: str, devices: int) -> None:
-    """The backend must be the launcher's framework (a clear error, before any model is built)."""
+def check_backend(world: World, backend: str, devices: int, fsdp: bool = False) -> None:
+    """The backend must be the launcher's framework, and --fsdp torch's under torchrun (a clear error, before
+    any model is built)."""
+    if fsdp and backend != "torch":
+        raise InputError(f"--fsdp shards the model with torch's fully_shard: it needs --backend torch under "
+                         f"torchrun, not --backend {backend} (docs/distributed.md)")
+    if fsdp and not isinstance(world, TorchWorld):
+        raise InputError("--fsdp shards the model over the ranks torchrun starts, but this process was not "
+                         "launched by torchrun (no RANK and WORLD_SIZE in its environment): run torchrun "
+                         "--nproc_per_node=N -m gptspec train ... --fsdp (docs/distributed.md)")
     launcher = {TorchWorld: ("torch", "torchrun"), MlxWorld: ("mlx", "mlx.launch"),
                 DevicesWorld: ("tinygrad", "--devices N")}.get(type(world))
     if devices != 1 and backend != "tinygrad":
@@ -282,3 +314,10 @@ def check_backend(world: World, backend: str, devices: int) -> None:
     if launcher and launcher[0] != backend:
         raise InputError(f"launched by {launcher[1]} ({world.engine}) but --backend {backend}: torch runs under "
                          "torchrun, mlx under mlx.launch, tinygrad with --devices N (docs/distributed.md)")
+
+
+def configure(world: World, backend: str, devices: int, fsdp: bool) -> None:
+    """check_backend, then the engine the run asks for: under torchrun, DDP or (fsdp) FSDP2."""
+    check_backend(world, backend, devices, fsdp)
+    if isinstance(world, TorchWorld):
+        world.use_fsdp(fsdp)

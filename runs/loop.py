@@ -88,7 +88,7 @@ def train_run(config: RunConfig, run_dir, *, force: bool = False, observer: Obse
 
     run_dir = Path(run_dir)
     world = distributed.detect(config.device, config.devices)
-    distributed.check_backend(world, config.backend, config.devices)
+    distributed.configure(world, config.backend, config.devices, config.fsdp)
     world.per_rank_accum(config.train_spec.grad_accum)
     if world.is_main and run_dir.exists() and _holds_run(run_dir):
         if not force:
@@ -155,7 +155,12 @@ def resume_run(run_dir, changes: dict[str, Any] | None = None, *, train_override
     ds.check_usable(saved.spec, config.batch_size, config.block_size)
     if type(world) is distributed.World and config.devices > 1:  # the run's own --devices, kept on resume
         world = distributed.detect(config.device, config.devices)
-    distributed.check_backend(world, config.backend, config.devices)
+    if config.fsdp and "fsdp" not in changes and not distributed.launched_by_torchrun():
+        # the run's own --fsdp is kept under torchrun; without it the run continues in one process, the same
+        # run (SPEC.md 25.7): its checkpoint holds whole tensors
+        config = config.replace(fsdp=False)
+        obs.note("an FSDP run resumed without torchrun: continuing it in one process")
+    distributed.configure(world, config.backend, config.devices, config.fsdp)
     world.per_rank_accum(config.train_spec.grad_accum)
     if config.steps <= saved.state.step and "steps" not in changes:
         obs.note(f"the run is complete at step {saved.state.step} (steps={config.steps}); --steps N continues it")
@@ -226,9 +231,16 @@ class _Session:
             "elapsed": self.elapsed(), "tokens": self.step * c.tokens_per_step, "origin": self.origin,
         }
 
-    def save(self) -> Path:
-        state = self.backend.optimizer_state(self.model, self.optimizer)
-        path = checkpoint.write(self.run_dir, self.spec, self.config.train_spec, state, self.progress())
+    def takes_part(self) -> bool:
+        """This rank evaluates and checkpoints: rank 0, or, when the model is sharded, every rank (the
+        forward and the checkpoint gather the shards; rank 0 alone records and writes)."""
+        return self.world.is_main or self.world.sharded
+
+    def save(self) -> Path | None:
+        state = self.backend.optimizer_state(self.model, self.optimizer)  # sharded: a gather every rank runs
+        path = None
+        if self.world.is_main:
+            path = checkpoint.write(self.run_dir, self.spec, self.config.train_spec, state, self.progress())
         self.saved_step = self.step
         return path
 
@@ -255,9 +267,10 @@ class _Session:
                                    "truncated": hs.truncated}
         log.write(record)
         self.obs.evaluation(record)
-        from .plot import plot_run
+        if self.world.is_main:
+            from .plot import plot_run
 
-        plot_run(self.run_dir, self.obs.note)
+            plot_run(self.run_dir, self.obs.note)
 
     def micro_batches(self, it: int):
         """This process's micro-batches of step `it`: the global micro-batches k of the rank (SPEC.md 25),
@@ -307,23 +320,28 @@ class _Session:
                     log.write(record)
                     self.obs.step(record)
                     last = self.step == c.steps
-                    # rank 0 alone: no collective runs inside evaluation or saving (SPEC.md 25)
-                    if self.world.is_main and (self.step % c.eval_interval == 0 or last):
-                        self.evaluate(log)
-                    if self.world.is_main and (self.step % c.ckpt_interval == 0 or last):
-                        self.save()
+                    # rank 0 alone: no collective runs inside evaluation or saving (SPEC.md 25); under FSDP
+                    # every rank, as each is a collective (the sharded forward, the checkpoint's gather)
+                    if self.takes_part() and (self.step % c.eval_interval == 0 or last):
+                        with self.world.collectives():
+                            self.evaluate(log)
+                    if self.takes_part() and (self.step % c.ckpt_interval == 0 or last):
+                        with self.world.collectives():
+                            self.save()
                     # one process: a Ctrl-C during evaluation counts too; ranks stop together, as gathered
                     if (any_stop if self.world.size > 1 else stop.is_set()) and not last:
                         self.obs.note(f"Ctrl-C: stopping after step {self.step}")
                         raise KeyboardInterrupt
-                if self.world.is_main and self.saved_step != self.step:  # resumed at or past the end
-                    self.save()
+                if self.takes_part() and self.saved_step != self.step:  # resumed at or past the end
+                    with self.world.collectives():
+                        self.save()
                 with self.world.collectives():
                     self.world.barrier()  # the ranks end together: none tears the group down under rank 0's save
             except KeyboardInterrupt:
                 result.status = "interrupted"
-                if not in_step and self.saved_step != self.step and self.world.is_main:
-                    self.save()
+                if not in_step and self.saved_step != self.step and self.takes_part():
+                    with self.world.collectives():
+                        self.save()
                     result.message = f"stopped by Ctrl-C after step {self.step}; final checkpoint written"
                 elif in_step:
                     result.message = (f"stopped by Ctrl-C inside step {self.step + 1}: the model may hold half a "

@@ -32,6 +32,12 @@ TOLERANCES_FILE = Path(__file__).with_name("tolerances.json")
 QUANTITIES = ("logits", "loss", "grads", "weights", "stats", "exit_loss", "exit_grads")
 METRICS = ("rel_l2", "rel_max")
 PAIRWISE_FACTOR = 2.0
+# unit roundoff of each dtype: half the distance from 1 to the next number (SPEC.md 9)
+UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+# the absolute error of a result in the dtype's subnormal range: half its smallest subnormal (SPEC.md 9)
+UNDERFLOW = {"float32": 2.0 ** -150, "bfloat16": 2.0 ** -134, "float16": 2.0 ** -25}
+# a training precision's unit roundoff: that of the dtype its forward and backward compute in (SPEC.md 20.9)
+PRECISION_ROUNDOFF = {"float32": 2.0 ** -24, "mixed_bfloat16": 2.0 ** -8}
 TRAJECTORY_QUANTITIES = ("train_loss", "train_grad_norm", "train_weights", "train_m", "train_v")
 
 
@@ -49,6 +55,41 @@ def bound(dtype: str, quantity: str, metric: str, pairwise: bool = False) -> flo
             "re-measure with python -m gptspec.conformance.calibrate"
         ) from None
     return b * PAIRWISE_FACTOR if pairwise else b
+
+
+def is_conditioned() -> bool:
+    """Whether the file holds the per-tensor constants of the conditioned bounds (SPEC.md 9)."""
+    return "conditioned" in policy()
+
+
+def effective_kappa(dtype: str, metric: str, estimates) -> float:
+    """The condition estimate of one metric in `dtype`, in units of its unit roundoff: the relative part and,
+    where the reference measured it, the underflow part, added as independent errors add (SPEC.md 9).
+    `estimates`: (kappa_l2, kappa_max) or (kappa_l2, kappa_max, eta_l2, eta_max)."""
+    i = METRICS.index(metric)
+    kappa = estimates[i]
+    if len(estimates) == 2:
+        return kappa
+    dtype = canonical_dtype(dtype)
+    return float((kappa ** 2 + (UNDERFLOW[dtype] / UNIT_ROUNDOFF[dtype] * estimates[2 + i]) ** 2) ** 0.5)
+
+
+def conditioned_bound(dtype: str, quantity: str, metric: str, kappa: float, pairwise: bool = False) -> float:
+    """SPEC.md 9: the bound of one tensor, c(dtype, quantity, metric) x u(dtype) x kappa, where kappa is that
+    tensor's condition estimate (spec/reference/conditioning.py) for the metric."""
+    dtype = canonical_dtype(dtype)
+    return _conditioned(policy().get("conditioned", {}), (dtype, quantity, metric), UNIT_ROUNDOFF[dtype] * kappa,
+                        pairwise, "--conditioned")
+
+
+def _conditioned(section: dict, key: tuple[str, str, str], scale: float, pairwise: bool, option: str) -> float:
+    """c(key) x scale (u x kappa), twice that pairwise; a missing constant names the calibration that measures it."""
+    try:
+        c = section["constants"][key[0]][key[1]][key[2]]
+    except KeyError:
+        raise KeyError(f"{TOLERANCES_FILE} has no conditioned constant for {' '.join(key)}: "
+                       f"measure it with python -m gptspec.conformance.calibrate {option}") from None
+    return c * scale * (PAIRWISE_FACTOR if pairwise else 1.0)
 
 
 def horizon(steps: int) -> int:
@@ -74,3 +115,18 @@ def trajectory_bound(precision: str, steps: int, quantity: str, metric: str, pai
             "measure with python -m gptspec.conformance.calibrate --trajectories"
         ) from None
     return b * PAIRWISE_FACTOR if pairwise else b
+
+
+def trajectory_is_conditioned(precision: str, quantity: str) -> bool:
+    """Whether the training checks of (precision, quantity) use conditioned bounds: those the calibration
+    adopted, where the estimate predicts the errors at least as well as the per-horizon bounds (SPEC.md 20.11)."""
+    section = policy().get("trajectory", {}).get("conditioned")
+    return section is not None and [precision, quantity] in section.get("adopted", [])
+
+
+def trajectory_conditioned_bound(precision: str, quantity: str, metric: str, kappa: float,
+                                 pairwise: bool = False) -> float:
+    """SPEC.md 9 and 20.11: the bound of one training check, c(precision, quantity, metric) x u(precision) x kappa,
+    kappa its condition estimate through the steps it follows (conformance/trajectory.py)."""
+    return _conditioned(policy().get("trajectory", {}).get("conditioned", {}), (precision, quantity, metric),
+                        PRECISION_ROUNDOFF[precision] * kappa, pairwise, "--trajectories --conditioned")

@@ -268,7 +268,7 @@ def test_controls_print_each_ratio_and_fail_on_a_control_not_flagged(capsys, mon
     monkeypatch.setattr(controls, "VARIANT_CONTROLS", (harmless,))
     assert cli.main(["conformance", "controls", "--variant", "softmax1"]) == 1
     out = capsys.readouterr().out
-    assert "NOT FLAGGED changes-nothing" in out and "1 of 1 controls not flagged" in out
+    assert "MISSED changes-nothing" in out and "1 of 1 controls missed" in out
 
     assert cli.main(["conformance", "controls", "--variant", "softmax1", "--only", "gpt2"]) == 2
     assert "no negative control matches --variant softmax1 --only gpt2" in capsys.readouterr().out

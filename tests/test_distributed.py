@@ -1,6 +1,6 @@
 """Data-parallel training (SPEC.md 25) on each framework's own engine equals one process.
 
-W = 2 ranks (torch DDP under torchrun, mx.distributed under mlx.launch) or devices (tinygrad), each with
+W = 2 ranks (torch DDP or FSDP2 under torchrun, mx.distributed under mlx.launch) or devices (tinygrad), each with
 A = 1 micro-batch, against one process with grad_accum W*A = 2 on the same global micro-batches: the
 losses and gradient norms of every step and the final weights within the trajectory bounds of SPEC.md
 20.11, and the run's loss the mean of the ranks' own. Every launch has a hard timeout and its process
@@ -32,6 +32,7 @@ from gptspec.spec.train import TrainSpec
 SEED, B, T, STEPS = 3, 2, 8, 3
 RECIPE = TrainSpec(lr=1e-3, weight_decay=0.1, grad_clip=1.0, grad_accum=2, seed=SEED)
 LAUNCH_TIMEOUT_S = 90
+ENGINE_FLAG = {"ddp": "--no-fsdp", "fsdp": "--fsdp"}  # torch under torchrun
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +111,9 @@ def assert_same_run(parallel: Path, single: Path) -> None:
         assert err <= bound, f"{name}: final weights differ by {err} (bound {bound})"
 
 
-def single(backend: str, shards: Path, out: Path) -> Path:
-    train_run(RunConfig(backend=backend, model="test-tiny", data=str(shards), steps=STEPS, train_spec=RECIPE,
-                        batch_size=B, block_size=T, eval_interval=STEPS, eval_iters=1, ckpt_interval=STEPS,
+def single(backend: str, shards: Path, out: Path, steps: int = STEPS) -> Path:
+    train_run(RunConfig(backend=backend, model="test-tiny", data=str(shards), steps=steps, train_spec=RECIPE,
+                        batch_size=B, block_size=T, eval_interval=steps, eval_iters=1, ckpt_interval=steps,
                         sample_tokens=0, compile=False if backend != "tinygrad" else None), out)
     return out
 
@@ -134,6 +135,53 @@ def test_torch_ddp_is_one_process_with_grad_accum_2(shards, torch_one, tmp_path)
     assert rest.status == "done" and len(rest.losses) == 1
     bound = trajectory_bound("float32", STEPS + 1, "train_loss", "rel_max", pairwise=True)
     assert abs(rest.losses[0] - same.losses[0]) / same.losses[0] <= bound
+
+
+@needs("torch")
+def test_torch_fsdp_is_one_process_with_grad_accum_2(shards, torch_one, tmp_path):
+    done = torchrun([*train_args("torch", shards, tmp_path / "fsdp"), "--no-compile", "--fsdp"])
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "torch FSDP2 fully_shard (gloo, 2 ranks)" in done.stdout
+    assert_same_run(tmp_path / "fsdp", torch_one)
+    assert_same_state(tmp_path / "fsdp", torch_one, STEPS)  # gathered from the shards, whole, by rank 0
+    # the sharded run's checkpoint is an ordinary one: it resumes on one device, no launcher, as the same run
+    rest = resume_run(tmp_path / "fsdp", {"steps": STEPS + 1})
+    same = resume_run(shutil.copytree(torch_one, tmp_path / "one"), {"steps": STEPS + 1})
+    assert rest.status == "done" and len(rest.losses) == 1
+    bound = trajectory_bound("float32", STEPS + 1, "train_loss", "rel_max", pairwise=True)
+    assert abs(rest.losses[0] - same.losses[0]) / same.losses[0] <= bound
+    assert "FSDP" not in checkpoint.read(tmp_path / "fsdp").progress["world"]  # step 4 ran in one process
+
+
+@needs("torch")
+def test_torch_fsdp_resumes_a_one_process_checkpoint(shards, torch_one, tmp_path):
+    # every rank reads the whole checkpoint and keeps its shard of the weights and of AdamW's moments; every
+    # rank evaluates and samples (the sharded forward is a collective) and rank 0 alone writes
+    run = shutil.copytree(torch_one, tmp_path / "run")
+    done = torchrun(["--resume", str(run), "--steps", str(STEPS + 1), "--sample-tokens", "4", "--fsdp"])
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "torch FSDP2 fully_shard (gloo, 2 ranks)" in done.stdout and "sample:" in done.stdout
+    same = resume_run(shutil.copytree(torch_one, tmp_path / "one"), {"steps": STEPS + 1})
+    got = steps_of(run)[-1]
+    assert got["step"] == STEPS + 1 and len(got["rank_losses"]) == 2
+    bound = trajectory_bound("float32", STEPS + 1, "train_loss", "rel_max", pairwise=True)
+    assert abs(got["loss"] - same.losses[0]) / same.losses[0] <= bound, (got["loss"], same.losses[0])
+    bound = trajectory_bound("float32", STEPS + 1, "train_grad_norm", "rel_max", pairwise=True)
+    want = steps_of(tmp_path / "one")[-1]["grad_norm"]
+    assert abs(got["grad_norm"] - want) / want <= bound, (got["grad_norm"], want)
+    # the loss and norm of step 4 are computed before its update: the loaded moments show in its result
+    assert_same_state(run, tmp_path / "one", STEPS + 1)
+
+
+def assert_same_state(parallel: Path, single: Path, steps: int) -> None:
+    """The weights and AdamW's m and v in the two final checkpoints, within SPEC.md 20.11's pairwise bounds."""
+    a, b = checkpoint.read(parallel).state, checkpoint.read(single).state
+    assert a.step == b.step == steps
+    for group, quantity in (("params", "train_weights"), ("m", "train_m"), ("v", "train_v")):
+        bound = trajectory_bound("float32", steps, quantity, "rel_l2", pairwise=True)
+        for name, want in getattr(b, group).items():
+            err = np.linalg.norm(getattr(a, group)[name] - want) / np.linalg.norm(want)
+            assert err <= bound, f"{group}[{name}]: differs by {err} (bound {bound})"
 
 
 @needs("mlx")
@@ -158,11 +206,12 @@ def test_tinygrad_on_two_devices_is_one_process_with_grad_accum_2(shards, torch_
 
 # -- negative controls: a wrong average is flagged by the same comparison ---------------------------------------
 @needs("torch")
-@pytest.mark.parametrize("divisor", [3, 1])  # W + 1; 1 (the SUM unaveraged) under --tier heavy
-def test_a_wrong_world_size_in_the_average_is_flagged(shards, torch_one, tmp_path, divisor, request):
-    if divisor == 1 and request.config.getoption("--tier") != "heavy":
-        pytest.skip("the second wrong divisor: --tier heavy (the first, W + 1, runs by default)")
-    done = torchrun([*train_args("torch", shards, tmp_path / "bad"), "--no-compile"],
+@pytest.mark.parametrize("engine, divisor", [("ddp", 3), ("ddp", 1), ("fsdp", 3)])
+def test_a_wrong_world_size_in_the_average_is_flagged(shards, torch_one, tmp_path, engine, divisor, request):
+    # DDP with W + 1 by default; the SUM unaveraged, and FSDP's reduce-scatter divided by W + 1, under --tier heavy
+    if (engine, divisor) != ("ddp", 3) and request.config.getoption("--tier") != "heavy":
+        pytest.skip("the second wrong divisor and FSDP's: --tier heavy (DDP's W + 1 runs by default)")
+    done = torchrun([*train_args("torch", shards, tmp_path / "bad"), "--no-compile", ENGINE_FLAG[engine]],
                     {"GPTSPEC_DP_FAULT": f"divide_by:{divisor}"})
     assert done.returncode == 0, done.stdout[-3000:]
     with pytest.raises(AssertionError, match="grad_norm"):
@@ -187,6 +236,41 @@ def test_mlx_skipped_sync_stops_the_run_naming_the_rank(shards, tmp_path):
     assert "bundled reference BLAS" not in done.stdout  # the backend, and its BLAS, load before mlx.core
 
 
+# -- Ctrl-C under the launcher ------------------------------------------------------------------------------------
+@needs("torch")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_ctrl_c_under_torchrun_leaves_a_resumable_checkpoint(shards, tmp_path, engine, request):
+    if request.config.getoption("--tier") != "heavy":
+        pytest.skip("Ctrl-C under torchrun: --tier heavy")
+    run = tmp_path / "run"
+    args = [*train_args("torch", shards, run, steps=100_000), "--no-compile", "--ckpt-interval", "1",
+            "--log-interval", "1", ENGINE_FLAG[engine]]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GPTSPEC_DP_TIMEOUT": "20", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(free_port()), "-m", "gptspec", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # rank 0 reports step 3: the ranks are training, checkpoints exist
+            if line.startswith("step 3/"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: torchrun and both ranks get it
+        _finish([proc], LAUNCH_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    # whatever the ranks had done when the signal came (a final checkpoint, or the last interval's), the run
+    # continues on one device from its last complete checkpoint as the same run
+    saved = checkpoint.read(run).state.step
+    assert saved >= 3
+    rest = resume_run(run, {"steps": saved + 1})
+    fresh = single("torch", shards, tmp_path / "one", steps=saved + 1)
+    assert rest.status == "done" and [r["step"] for r in steps_of(run)] == list(range(1, saved + 2))
+    want = steps_of(fresh)[-1]["loss"]
+    bound = trajectory_bound("float32", saved + 1, "train_loss", "rel_max", pairwise=True)
+    assert abs(rest.losses[0] - want) / want <= bound, (rest.losses[0], want)
+
+
 # -- bad input, clear and fast ----------------------------------------------------------------------------------
 @needs("torch")
 def test_a_world_size_that_does_not_divide_grad_accum_is_refused(shards, tmp_path):
@@ -202,6 +286,15 @@ def test_devices_divide_grad_accum_and_belong_to_tinygrad(shards, tmp_path):
         train_run(base, tmp_path / "a")
     with pytest.raises(InputError, match=r"grad_accum=3 .* device count 2"):
         train_run(base.replace(backend="tinygrad", train_spec=RECIPE.replace(grad_accum=3)), tmp_path / "b")
+
+
+def test_fsdp_is_torch_under_torchrun(shards, tmp_path):
+    base = RunConfig(backend="torch", model="test-tiny", data=str(shards), steps=1, train_spec=RECIPE,
+                     batch_size=B, block_size=T, fsdp=True)
+    with pytest.raises(InputError, match="--fsdp shards the model over the ranks torchrun starts"):
+        train_run(base, tmp_path / "a")  # no launcher
+    with pytest.raises(InputError, match="--fsdp .* needs --backend torch under torchrun, not --backend mlx"):
+        train_run(base.replace(backend="mlx"), tmp_path / "b")
 
 
 def _by_hand(rank: int, port: int, args: list[str], timeout_s: int = 5) -> subprocess.Popen:

@@ -304,8 +304,14 @@ def test_ctrl_c_while_an_hf_export_is_published_leaves_the_new_files_together(tm
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames
 
     monkeypatch.setattr(atomic.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        write_hf(hf, SPEC, other, synthetic=True)
+    # Python's own Ctrl-C handler, as in a terminal: a suite started as a background job of a shell without job
+    # control inherits SIGINT ignored, and an ignored Ctrl-C interrupts nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_hf(hf, SPEC, other, synthetic=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert calls == ["model.safetensors", "config.json"]
     loaded = load_checkpoint(hf)

@@ -1,12 +1,19 @@
 """Loading without copies (issue 17): a safetensors checkpoint (canonical or Hugging Face) is read as
 memory-mapped views, each backend builds its tensors from them one at a time, and nothing of the file
 stays materialized after the build; the values and the logits are bit-exact with the file as
-safetensors itself reads it. Peak memory is measured, not asserted, in bench/load_memory.py."""
+safetensors itself reads it. Where no cast or transpose is needed, torch's parameters are views of a
+private copy-on-write mapping of the file (no copy at all), which a write into the model never reaches.
+Peak memory is measured, not asserted, in bench/load_memory.py."""
 from __future__ import annotations
 
+import gc
+import hashlib
 import mmap
+import os
+import sys
 import tracemalloc
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +128,114 @@ def test_backend_builds_one_tensor_at_a_time_bit_exact(backend, dtype, checkpoin
     np.testing.assert_array_equal(backend.forward(model, tokens), backend.forward(old, tokens))
     loaded = backend.load(path, dtype=dtype)  # the public path: Backend.load, the reader, the build
     np.testing.assert_array_equal(backend.forward(loaded, tokens), backend.forward(old, tokens))
+    # decoding: single-token matmuls, where a transposed weight layout rounds differently in some BLAS (torch
+    # copies Conv1D weights for that; MLX keeps them transposed, which this holds bit-exact). tinygrad copies
+    # every tensor into its own contiguous buffer, and compiles its decoding kernels per position (seconds).
+    if backend.name != "tinygrad":
+        np.testing.assert_array_equal(decode(backend, loaded, tokens[:, :3]), decode(backend, old, tokens[:, :3]))
+
+
+def decode(backend, model, tokens: np.ndarray) -> np.ndarray:
+    """The logits of feeding `tokens` one position at a time through the KV cache."""
+    cache, out = None, []
+    for t in range(tokens.shape[1]):
+        logits, cache = backend.extend(model, tokens[:, t:t + 1], cache)
+        out.append(logits)
+    return np.concatenate(out, axis=1)
+
+
+def file_mapping(address: int) -> tuple[str, str] | None:
+    """(path, permissions) of the file mapping holding `address` in this process (/proc/self/maps, the
+    kernel's own account), or None where the address lies in no file mapping (the heap, an anonymous one)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return (fields[5], fields[1]) if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+linux_maps = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+
+
+def weights_file(path: Path) -> Path:
+    return path if path.suffix == ".safetensors" else path / "model.safetensors"
+
+
+@linux_maps
+@pytest.mark.parametrize("stored, dtype", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("layout", ["canonical", "hf"])
+def test_torch_parameters_are_the_files_pages_where_nothing_changes(tmp_path, layout, stored, dtype):
+    """A torch parameter stored in its canonical layout and loaded in the file's dtype is a view of a private
+    (copy-on-write) mapping of the file: no copy at load. A cast, or a Hugging Face Conv1D weight stored (in,
+    out), is a copy that holds no page of the file. The values are the file's either way."""
+    torch = pytest.importorskip("torch")
+    from gptspec import backends
+
+    params = synthetic_params(SPEC, 4, "gpt2")
+    path = (save(tmp_path / "w.safetensors", SPEC, params, stored) if layout == "canonical"
+            else write_hf(tmp_path / "hf", SPEC, params, stored))
+    model = backends.load("torch", path, dtype=dtype)
+    real = os.path.realpath(weights_file(path))
+    transposed = {p.name for p in param_table(SPEC) if p.hf_transposed and layout == "hf"}
+    for name, p in model.named_parameters():
+        where = file_mapping(p.data_ptr())
+        if dtype == stored and name not in transposed:
+            assert where is not None and where[0] == real, f"{name} is a copy, not the file's pages"
+            assert where[1][3] == "p", f"{name}: the mapping must be private (copy-on-write), not {where[1]}"
+            assert p.is_contiguous(), name
+        else:
+            assert where is None, f"{name} was cast or transposed, yet lies in {where}"
+            assert p.is_contiguous(), f"{name}: a copy is laid out contiguous, as nn.Linear's own weights"
+        want = torch.from_numpy(np.ascontiguousarray(params[name])).to(getattr(torch, dtype))
+        if stored == "bfloat16":
+            want = torch.from_numpy(np.ascontiguousarray(params[name])).to(torch.bfloat16).to(getattr(torch, dtype))
+        assert torch.equal(p.detach(), want), name
+
+
+@linux_maps
+def test_writing_into_a_loaded_model_changes_neither_the_file_nor_the_next_load(tmp_path):
+    """The model's pages are private: an in-place update (an optimizer step, normalize_) never reaches the
+    file, a second load, or a checkpoint's own view of the file."""
+    torch = pytest.importorskip("torch")
+    from gptspec import backends
+
+    params = synthetic_params(SPEC, 5, "gpt2")
+    path = save(tmp_path / "w.safetensors", SPEC, params, "float32")
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    ckpt = load_checkpoint(path)
+    model = backends.get("torch").build(SPEC, ckpt.params, "float32")
+    assert file_mapping(model.wte.weight.data_ptr()) is not None, "the premise: the model holds the file's pages"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), torch.from_numpy(params[name]) + 1.0), f"{name}: the write did not land"
+        np.testing.assert_array_equal(ckpt.params[name], params[name], err_msg=f"{name}: the checkpoint's view")
+    del model
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the file changed"
+    again = backends.get("torch").state(backends.load("torch", path))
+    for name, a in params.items():
+        np.testing.assert_array_equal(again[name], a, err_msg=f"{name} in a second load")
+
+
+def test_stored_views_are_the_files_bytes_private_ones_writable_without_writing_through(checkpoint_file):
+    """MappedTensors.stored gives each tensor as stored (no transpose), read-only or private: writable,
+    and a write lands in the process's own page, never in the file or in another view."""
+    path, layout = checkpoint_file
+    ckpt = load_checkpoint(path)
+    raw = load_file(str(weights_file(path)))
+    for p in param_table(SPEC):
+        stored = ckpt.params.stored(p.name)
+        key = "transformer." + p.name if layout == "hf" else p.name
+        assert stored.dtype == "float32" and stored.transposed == (layout == "hf" and p.hf_transposed), p.name
+        assert not stored.array.flags.writeable and np.array_equal(stored.array, raw[key]), p.name
+    before = hashlib.sha256(weights_file(path).read_bytes()).hexdigest()
+    private = ckpt.params.stored("wte.weight", private=True).array
+    assert private.flags.writeable and mapped_memory(private)
+    private += 1.0
+    np.testing.assert_array_equal(ckpt.params.stored("wte.weight").array + 1.0, private)
+    assert hashlib.sha256(weights_file(path).read_bytes()).hexdigest() == before
 
 
 def test_reading_holds_no_copy_of_the_weights(tmp_path):
@@ -142,3 +257,47 @@ def test_reading_holds_no_copy_of_the_weights(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 2 * largest + (512 << 10) < total / 4, (peak, largest, total)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mlx_reads_on_first_use_the_file_that_was_checked(tmp_path, dtype):
+    """MLX's parameters come from mx.load of the checked file (its descriptor), read on first use: a file
+    renamed over the path (as every gptspec write does) after the checks, or after the build and before that
+    first use, is not what the model reads."""
+    pytest.importorskip("mlx.core")
+    from gptspec import backends
+
+    backend = backends.get("mlx")
+    first = synthetic_params(SPEC, 6, "gpt2")
+    path = save(tmp_path / "w.safetensors", SPEC, first, "float32")
+    ckpt = load_checkpoint(path)  # the checks
+    save(path, SPEC, synthetic_params(SPEC, 7, "gpt2"), "float32")
+    model = backend.build(SPEC, ckpt.params, dtype)
+    save(path, SPEC, synthetic_params(SPEC, 8, "gpt2"), "float32")
+    del ckpt  # its descriptor closes; its number goes to another file: MLX holds its own
+    gc.collect()
+    others = [os.open(path, os.O_RDONLY) for _ in range(8)]
+    try:
+        tokens = np.random.default_rng(1).integers(0, SPEC.vocab_size, (2, 7))
+        np.testing.assert_array_equal(backend.forward(model, tokens),
+                                      backend.forward(backend.build(SPEC, first, dtype), tokens))
+    finally:
+        for fd in others:
+            os.close(fd)
+
+
+def test_shapes_of_a_mapped_checkpoint_map_nothing(checkpoint_file, monkeypatch):
+    """shapes_of answers a MappedTensors from the header (a bfloat16 file's tensors would otherwise be widened
+    whole just to be measured), with the shapes the arrays have."""
+    from gptspec.weights import format as fmt
+
+    path, _ = checkpoint_file
+    ckpt = load_checkpoint(path)
+    mapped = []
+    real = fmt._OpenFile.view
+    monkeypatch.setattr(fmt._OpenFile, "view", lambda self, *a, **k: mapped.append(a) or real(self, *a, **k))
+    shapes = fmt.shapes_of(ckpt.params)
+    assert mapped == [], "measuring the shapes mapped tensors"
+    views = {name: ckpt.params[name] for name in ckpt.params}
+    assert shapes == {name: a.shape for name, a in views.items()}
+    assert fmt.shapes_of(views) == shapes

@@ -45,3 +45,80 @@ def test_spec_shows_the_calibrated_bounds():
     text = SPEC_FILE.read_text()
     shown = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert shown == spec_table(policy()).strip(), "SPEC.md section 9 is stale: rerun the calibration"
+
+
+# -- the conditioned bounds (SPEC.md 9: c x u x kappa per tensor) -------------------------------------
+def _conditioned():
+    section = policy().get("conditioned")
+    if section is None:
+        pytest.fail("spec/tolerances.json lacks the conditioned constants: "
+                    "python -m gptspec.conformance.calibrate --conditioned")
+    return section
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_conditioned_constant_is_3x_to_4x_the_largest_measured_ratio(dtype, quantity, metric):
+    section = _conditioned()
+    measured = section["measured"][dtype][quantity][metric]["value"]
+    c = section["constants"][dtype][quantity][metric]
+    assert measured > 0, "a constant must come from a measurement"
+    assert 3 * measured * (1 - 1e-9) <= c <= 4 * measured, (measured, c)
+
+
+def test_conditioned_calibration_covers_every_installed_backend():
+    from gptspec.backends import available
+
+    missing = set(available()) - set(_conditioned()["calibration"]["backends"])
+    assert not missing, f"recalibrate with {sorted(missing)}: python -m gptspec.conformance.calibrate --conditioned"
+
+
+@pytest.mark.parametrize("ratio, expected", [(1.0, 3.0), (0.34, 1.2), (2.1, 8.0), (0.0101, 0.04)])
+def test_conditioned_ladder(ratio, expected):
+    from gptspec.conformance.calibrate_conditioned import nice_constant
+
+    c = nice_constant(ratio)
+    assert c == pytest.approx(expected) and 3 * ratio <= c <= 4 * ratio
+
+
+def test_spec_shows_the_conditioned_constants():
+    from gptspec.conformance.calibrate import COND_BEGIN, COND_END, SPEC_FILE, conditioned_table
+
+    shown = SPEC_FILE.read_text().split(COND_BEGIN, 1)[1].split(COND_END, 1)[0].strip()
+    assert shown == conditioned_table(_conditioned()).strip(), "SPEC.md section 9 is stale: rerun the calibration"
+
+
+def _trajectory_conditioned():
+    section = policy().get("trajectory", {}).get("conditioned")
+    if section is None:
+        pytest.fail("spec/tolerances.json lacks the conditioned trajectory constants: "
+                    "python -m gptspec.conformance.calibrate --trajectories --conditioned")
+    return section
+
+
+@pytest.mark.parametrize("precision", ("float32", "mixed_bfloat16"))
+@pytest.mark.parametrize("quantity", ("train_loss", "train_grad_norm", "train_weights", "train_m", "train_v"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_conditioned_trajectory_constant_is_3x_to_4x_the_largest_measured_ratio(precision, quantity, metric):
+    section = _trajectory_conditioned()
+    measured = section["measured"][precision][quantity][metric]["value"]
+    c = section["constants"][precision][quantity][metric]
+    assert measured > 0 and 3 * measured * (1 - 1e-9) <= c <= 4 * measured, (measured, c)
+
+
+def test_conditioned_trajectory_calibration_covers_every_installed_backend():
+    from gptspec.backends import available
+
+    missing = set(available()) - set(_trajectory_conditioned()["calibration"]["backends"])
+    assert not missing, f"recalibrate with {sorted(missing)}: python -m gptspec.conformance.calibrate " \
+                        "--trajectories --conditioned"
+
+
+def test_spec_shows_the_conditioned_trajectory_constants():
+    from gptspec.conformance.calibrate import SPEC_FILE, TRAJ_COND_BEGIN, TRAJ_COND_END, conditioned_table
+    from gptspec.spec.tolerance import TRAJECTORY_QUANTITIES
+    from gptspec.spec.train import PRECISIONS
+
+    shown = SPEC_FILE.read_text().split(TRAJ_COND_BEGIN, 1)[1].split(TRAJ_COND_END, 1)[0].strip()
+    assert shown == conditioned_table(_trajectory_conditioned(), PRECISIONS, TRAJECTORY_QUANTITIES).strip()

@@ -162,20 +162,25 @@ class _Stored:
     offset: int       # bytes from the start of the file
     code: str         # safetensors dtype: F32, F16 or BF16
     shape: tuple[int, ...]
+    key: str          # its name in the file
     transposed: bool = False  # a Hugging Face Conv1D weight: the canonical array is its transpose
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         return self.shape[::-1] if self.transposed else self.shape
 
+    def bytes_as_stored(self, private: bool = False) -> np.ndarray:
+        """The tensor's bytes in the file's dtype (bfloat16 as uint16 bits) and layout, over a mapping:
+        read-only, or `private`: writable, copy-on-write (see MappedTensors.stored)."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(self.shape, _NUMPY_CODES[self.code])
+        return self.file.view(self.offset, count, _NUMPY_CODES[self.code], private).reshape(self.shape)
+
     def array(self) -> np.ndarray:
         """The tensor as a read-only numpy view of a mapping of its bytes (bfloat16 widened to a new
         float32 array): the pages are read when touched and unmapped when the array is dropped."""
-        count = int(np.prod(self.shape, dtype=np.int64))
-        if count == 0:
-            stored = np.zeros(self.shape, _NUMPY_CODES[self.code])
-        else:
-            stored = self.file.view(self.offset, count, _NUMPY_CODES[self.code]).reshape(self.shape)
+        stored = self.bytes_as_stored()
         if self.code == "BF16":
             stored = from_bfloat16_bits(stored)
         return stored.T if self.transposed else stored
@@ -190,11 +195,43 @@ class _OpenFile:
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         weakref.finalize(self, os.close, self.fd)
 
-    def view(self, offset: int, count: int, dtype: str) -> np.ndarray:
+    @property
+    def by_descriptor(self) -> str | None:
+        """A path that opens this descriptor's own file (the one checked), whatever is renamed over `path`
+        later; None where the system has no /dev/fd."""
+        return f"/dev/fd/{self.fd}" if os.path.isdir("/dev/fd") else None
+
+    def view(self, offset: int, count: int, dtype: str, private: bool = False) -> np.ndarray:
+        """`count` items of `dtype` at `offset`, over a read-only shared mapping or, `private`, a writable
+        copy-on-write one (MAP_PRIVATE: a written page becomes the process's own; the file never changes)."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         nbytes = count * np.dtype(dtype).itemsize
-        mapped = mmap.mmap(self.fd, offset - start + nbytes, offset=start, access=mmap.ACCESS_READ)
+        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+        mapped = mmap.mmap(self.fd, offset - start + nbytes, offset=start, access=access)
         return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start)
+
+
+@dataclass(frozen=True)
+class TensorInFile:
+    """Where a framework's own safetensors loader finds one tensor: `path` opens the very file gptspec's
+    checks ran on (its descriptor, /dev/fd/N: a file renamed over the original path later is not it),
+    `key` is the tensor's name there; `dtype` and `transposed` as in StoredTensor."""
+
+    path: str
+    key: str
+    dtype: str
+    transposed: bool
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as its file stores it. `array` holds its bytes in the file's `dtype` ("float32",
+    "float16" or "bfloat16", whose bit patterns numpy holds as uint16) and the file's layout: the
+    canonical tensor is `array.T` where `transposed` (a Hugging Face Conv1D weight), else `array`."""
+
+    array: np.ndarray
+    dtype: str
+    transposed: bool
 
 
 class MappedTensors(Mapping):
@@ -225,6 +262,26 @@ class MappedTensors(Mapping):
         files = sorted({str(s.file.path) for s in self._stored.values()})
         return f"MappedTensors({len(self)} tensors of {', '.join(files)})"
 
+    def stored(self, name: str, private: bool = False) -> StoredTensor:
+        """The tensor as the file stores it (no transpose, no widening), for a backend that makes its
+        parameter from the file's own bytes. Read-only, or `private`: a writable copy-on-write mapping,
+        whose pages are the page cache's (read on first touch, never copied) until one is written, when
+        that page becomes the writer's own. So a parameter made of it costs no copy and no read at load,
+        and an in-place update (normalize_, an optimizer step) never reaches the file, nor any other
+        mapping of it (`m[name]` included)."""
+        stored = self._stored[name]
+        return StoredTensor(stored.bytes_as_stored(private), STORED_DTYPES[stored.code], stored.transposed)
+
+    def in_file(self, name: str) -> TensorInFile | None:
+        """Where the tensor lies, for a framework loader that reads safetensors files itself, lazily (MLX's
+        mx.load): the reading then happens on the framework's first use, after every check here ran on the
+        same file. None where the system cannot reopen a descriptor (no /dev/fd)."""
+        stored = self._stored[name]
+        path = stored.file.by_descriptor
+        if path is None:
+            return None
+        return TensorInFile(path, stored.key, STORED_DTYPES[stored.code], stored.transposed)
+
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape as `m[name]` gives it, without mapping anything."""
@@ -246,6 +303,13 @@ class MappedTensors(Mapping):
         return MappedTensors({**self._stored, **other._stored})
 
 
+def shapes_of(params: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape; a MappedTensors answers from the header, mapping (and widening) nothing."""
+    if isinstance(params, MappedTensors):
+        return params.shapes
+    return {n: np.shape(a) for n, a in params.items()}
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[MappedTensors, dict[str, str], str]:
     """The tensors of a safetensors file, mapped (MappedTensors: nothing is read until a tensor is used),
     its metadata, and its dtype.
@@ -263,7 +327,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[MappedTensors, dict[str, 
         raise WeightsError(f"{path}: cannot be opened: {e}") from None
     try:
         # the descriptor's own file: the one that is mapped below is the one safetensors checked
-        with safe_open(f"/dev/fd/{file.fd}" if os.path.isdir("/dev/fd") else str(path), framework="numpy") as f:
+        with safe_open(file.by_descriptor or str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             names = list(f.keys())
             codes = {n: f.get_slice(n).get_dtype() for n in names}
@@ -278,7 +342,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[MappedTensors, dict[str, 
     header_length = int.from_bytes(os.pread(file.fd, 8, 0), "little")
     header = json.loads(os.pread(file.fd, header_length, 8))  # already validated by safetensors
     stored = {
-        n: _Stored(file, 8 + header_length + header[n]["data_offsets"][0], codes[n], tuple(header[n]["shape"]))
+        n: _Stored(file, 8 + header_length + header[n]["data_offsets"][0], codes[n], tuple(header[n]["shape"]), n)
         for n in names
     }
     dtypes = {STORED_DTYPES[c] for c in codes.values()}
@@ -293,6 +357,12 @@ def check_finite(params: Mapping[str, np.ndarray], source: str) -> None:
     Negative controls that need a NaN on purpose build their model in memory (a Checkpoint, or
     Backend.build with the parameters), which does not pass through here."""
     for name, a in params.items():
+        # One pass, no temporary: a sum is finite only if every term is (NaN and Inf never turn finite
+        # again), 3x faster than isfinite().all(). A finite file whose sum overflows takes the exact count.
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = a.sum(dtype=np.float32 if a.dtype == np.float16 else a.dtype)
+        if np.isfinite(total):
+            continue
         finite = np.isfinite(a)
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from ...spec import BackendError, param_table
 from ...spec.reference.training import TrainState
+from ...weights.format import MappedTensors
 from ..base import Backend, LossAndGrads, StepStats
 from . import blas, train
 from .model import GPT
@@ -40,6 +41,30 @@ def resolve_device(device) -> mx.Device:
     if int(index or 0) >= count:
         raise BackendError(f"mlx cannot use device {device!r}: only {count} {name} device(s)")
     return mx.Device(kind, int(index or 0))
+
+
+def _from_files(params: Mapping[str, np.ndarray], dtype: mx.Dtype, dev: mx.Device) -> list | None:
+    """The parameters of a file gptspec has read and checked (weights/format.py MappedTensors), taken from
+    MLX's own lazy loader, mx.load, of that very file (its descriptor: a file renamed over the path since is
+    not read), cast lazily: as with mlx-lm's lazy load, the bytes are read on the first evaluation, into
+    arrays MLX owns (the model never aliases the file). A Hugging Face Conv1D weight, stored (in, out), stays
+    MLX's transposed view of it on the CPU, where matmul reads either layout bit for bit alike
+    (tests/test_loading.py, decoding included) without the strided transposing copy that took half of a
+    gpt2 load; elsewhere (a GPU) it is made contiguous. None where the file cannot be reopened so."""
+    if not isinstance(params, MappedTensors):
+        return None
+    files, weights = {}, []
+    for name in params:
+        where = params.in_file(name)
+        if where is None:
+            return None
+        if where.path not in files:
+            files[where.path] = mx.load(where.path, format="safetensors")
+        array = files[where.path][where.key].astype(dtype)
+        if where.transposed:
+            array = array.T if dev.type == mx.cpu else mx.contiguous(array.T)
+        weights.append((name, array))
+    return weights
 
 
 def _name(dev: mx.Device) -> str:
@@ -114,15 +139,17 @@ class MLXBackend(Backend):
         return [n for n, _ in tree_flatten(model.parameters())]
 
     def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev: mx.Device):
-        # mx.array copies, so the model never aliases the caller's arrays (normalize() replaces its own).
         # astype rounds to nearest, ties to even, as SPEC.md section 7 asks (a test holds it to that).
-        # One tensor at a time, evaluated before the next: a float32 source cast to bfloat16 is freed at once,
-        # and a mapped checkpoint's array (weights/format.py MappedTensors) is dropped, so unmapped, as it goes.
+        weights = _from_files(params, _DTYPES[dtype], dev)
+        if weights is not None:  # read on first use, as mx.load does
+            model.load_weights(weights)
+            return model.eval()
+        # mx.array copies, so the model never aliases the caller's arrays (normalize() replaces its own).
+        # One tensor at a time, evaluated before the next: a float32 source cast to bfloat16 is freed at once.
         weights = []
-        for name, array in params.items():
-            weights.append((name, mx.array(np.asarray(array)).astype(_DTYPES[dtype])))
+        for name in params:
+            weights.append((name, mx.array(np.asarray(params[name])).astype(_DTYPES[dtype])))
             mx.eval(weights[-1][1])
-            del array
         model.load_weights(weights)
         mx.eval(model.parameters())
         return model.eval()

@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...spec import BackendError, param_table
 from ...spec.reference.training import TrainState
+from ...weights.format import MappedTensors
 from ..base import Backend, LossAndGrads, StepStats
 from .model import GPT
 from .ngpt import NGPT
@@ -45,6 +46,41 @@ def _copied(array: np.ndarray, dtype: torch.dtype, dev) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         source = torch.from_numpy(array)
     return out.copy_(source)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Loading's copies and casts are memory-bound: torch's intra-op threads add little to them, and on a
+    machine whose cores are busy they wait on one another (2 shared cores, casting gpt2 to bfloat16: 0.45 s
+    of CPU with torch's default 2 threads, 0.15 s with 1). Restored after, as ieee_float32 does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_STORED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _file_pages(params: Mapping[str, np.ndarray], name: str, dtype: torch.dtype, dev) -> torch.Tensor | None:
+    """The parameter as a view of the checkpoint file's own pages, where it would equal a copy bit for bit
+    and in layout: a tensor of a file read by gptspec (weights/format.py MappedTensors), kept on the CPU in
+    the file's dtype, stored in the canonical (out, in) layout. The view is of a private copy-on-write
+    mapping, as transformers' from_pretrained does: the load reads nothing (the first forward faults the
+    pages in from the page cache, shared with it), and an in-place write (normalize_, an optimizer step)
+    makes that page the process's own, never touching the file. None where a copy is needed: a cast, another
+    device, or a Hugging Face Conv1D weight, whose (in, out) bytes would give a transposed (non-contiguous)
+    parameter: safetensors' save_file refuses those, and single-token matmuls (decoding) round differently
+    from the contiguous layout's."""
+    if not isinstance(params, MappedTensors) or dev.type != "cpu":
+        return None
+    stored = params.stored(name, private=True)
+    if stored.transposed or _STORED[stored.dtype] != dtype or not stored.array.dtype.isnative:
+        return None  # (a big-endian machine reads the little-endian file through _copied's byte swap)
+    tensor = torch.from_numpy(stored.array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor  # numpy holds bfloat16 as uint16
 
 
 def resolve_device(device) -> torch.device:
@@ -124,13 +160,18 @@ class TorchBackend(Backend):
         return [n for n, _ in model.named_parameters()]
 
     def _assign(self, model, params: Mapping[str, np.ndarray], dtype: str, dev) -> torch.nn.Module:
-        # One tensor at a time, each copied (cast on the way) into a new contiguous tensor: the model never
-        # aliases (normalize_ never writes into) the caller's arrays, and a mapped checkpoint's source
+        # One tensor at a time, each a view of the file's private pages where that equals a copy (_file_pages),
+        # else copied (cast on the way) into a new contiguous tensor: the model never aliases (normalize_
+        # never writes into) the caller's arrays or the file, and a mapped checkpoint's source
         # (weights/format.py MappedTensors) is dropped, so unmapped, before the next one is read.
         state = {}
-        for name, array in params.items():
-            state[name] = _copied(np.asarray(array), _DTYPES[dtype], dev)
-            del array
+        with _one_thread():
+            for name in params:
+                state[name] = _file_pages(params, name, _DTYPES[dtype], dev)
+                if state[name] is None:
+                    array = np.asarray(params[name])
+                    state[name] = _copied(array, _DTYPES[dtype], dev)
+                    del array
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
@@ -194,8 +235,21 @@ class TorchBackend(Backend):
         return StepStats(*train_step(model, optimizer, train_spec, it, batches, draws_t))
 
     def _optimizer_state(self, model, optimizer) -> TrainState:
+        # FSDP (SPEC.md 25.7): sharded tensors are gathered one at a time, every rank taking part in canonical
+        # order; rank 0 alone keeps them (it writes the checkpoint), the others get the step alone
+        from .train import full_tensor, is_fully_sharded, is_sharded, reshard
+
+        if is_fully_sharded(model):
+            reshard(model)  # the sharded parameters the optimizer's state is keyed by
+        sharded = any(is_sharded(p) for p in model.parameters())
+        keep = not sharded or torch.distributed.get_rank() == 0
+
         def f64(t):
-            return t.detach().to(torch.float64).cpu().numpy()
+            whole = full_tensor(t.detach())
+            return whole.to(torch.float64).cpu().numpy() if keep else None
+
+        def zeros(p):
+            return np.zeros(tuple(p.shape)) if keep else None
 
         step, params, m, v = 0, {}, {}, {}
         by_name = dict(model.named_parameters())
@@ -205,17 +259,19 @@ class TorchBackend(Backend):
             if state:
                 step = int(state["step"].item())
             params[name] = f64(p)
-            m[name] = f64(state["exp_avg"]) if state else np.zeros(tuple(p.shape))
-            v[name] = f64(state["exp_avg_sq"]) if state else np.zeros(tuple(p.shape))
-        return TrainState(step, params, m, v)
+            m[name] = f64(state["exp_avg"]) if state else zeros(p)
+            v[name] = f64(state["exp_avg_sq"]) if state else zeros(p)
+        return TrainState(step, params, m, v) if keep else TrainState(step, {}, {}, {})
 
     def _load_optimizer_state(self, model, optimizer, state: TrainState) -> None:
         # torch.optim.AdamW's own layout: a float32 scalar step (on the CPU unless the step is fused or
         # capturable) and the moments in the parameter's dtype on its device
+        from .train import like_param
+
         on_device = any(g["fused"] or g["capturable"] for g in optimizer.param_groups)
         for name, p in model.named_parameters():
             optimizer.state[p] = {
                 "step": torch.tensor(float(state.step), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                "exp_avg": torch.tensor(state.m[name], dtype=p.dtype, device=p.device),
-                "exp_avg_sq": torch.tensor(state.v[name], dtype=p.dtype, device=p.device),
+                "exp_avg": like_param(state.m[name], p),
+                "exp_avg_sq": like_param(state.v[name], p),
             }

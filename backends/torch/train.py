@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 
 import torch
 
-from ...spec import param_table
+from ...spec import InputError, param_table
 from ...spec.train import TrainSpec, decay_split, lr_at
 from ..base import check_finite_step
 from .backend import ieee_float32
@@ -51,6 +52,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_s
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    fsdp = is_fully_sharded(model)   # runs/distributed.py under torchrun --fsdp: the model itself is sharded
+    if fsdp:
+        reshard(model)  # the sharded parameters, which the optimizer holds, not an evaluation's gathered ones
     names = [p.name for p in param_table(model.spec)]
     by_name = dict(model.named_parameters())
     params = [by_name[n] for n in names]  # canonical order: the norm's summation order, the error's first tensor
@@ -59,7 +63,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_s
     ddp = model.__dict__.get("_ddp")  # runs/distributed.py under torchrun: DDP over this model's loss
     with ieee_float32():
         for k, (tokens, targets) in enumerate(micro_batches):
-            # DDP all-reduces the gradients in the backward of the last micro-batch only (SPEC.md 25)
+            # DDP all-reduces, FSDP reduce-scatters, the gradients in the backward of the last micro-batch
+            # only (SPEC.md 25); the earlier ones accumulate locally
+            if fsdp:
+                model.set_requires_gradient_sync(k == n - 1)
             sync = ddp is None or (k == n - 1 and not ddp.skip_sync)
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with _compute_precision(model, train_spec):
@@ -77,8 +84,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_s
         # the one host read of the step; the loss is the micro-batches' (loss / n) summed in double
         values = torch.stack([*(x.float() for x in losses), norm.float()]).tolist()
         loss_value, norm_value = sum(values[:-1]), values[-1]
+        # FSDP: the norm is the world's, so every rank is here together when a gradient must be gathered
         check_finite_step(it, loss_value, norm_value,
-                          lambda: {nm: p.grad.detach().float().cpu().numpy() for nm, p in zip(names, params)})
+                          lambda: {nm: full_tensor(p.grad).detach().float().cpu().numpy()
+                                   for nm, p in zip(names, params)})
         if train_spec.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, train_spec.grad_clip, norm)
         optimizer.step()
@@ -95,7 +104,61 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     scaled every gradient, and so every moment, by that much. Accumulated in float64 it is exact to
     ~1e-13 (SPEC.md 20.5). MPS has no float64: there, torch's own float32 reduction."""
     acc = torch.float32 if grads[0].device.type == "mps" else torch.float64
+    if is_sharded(grads[0]):  # FSDP: each rank holds a shard of each gradient (SPEC.md 25.7)
+        return _sharded_global_norm(grads, acc)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc) for g in grads]))
+
+
+def _sharded_global_norm(grads: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """global_norm of sharded (DTensor) gradients: each tensor's squared norm is its shards' float64 sums of
+    squares added by one all-reduce (SUM; the same bits on every rank), then the norm of the per-tensor norms
+    as in one process. It differs from one process's only in float64 rounding (~1e-16)."""
+    import torch.distributed as dist
+
+    squares = torch.stack([torch.linalg.vector_norm(g.to_local(), dtype=acc).square() for g in grads])
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grads[0].device_mesh.get_group())
+    return torch.linalg.vector_norm(squares.sqrt())
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor: a parameter (or its gradient or moment) that FSDP has spread over the ranks. Looked up, not
+    imported: importing torch.distributed.tensor costs 0.5 s, and a process that shards nothing never has."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one gathered from every rank (a collective: every rank must call it, in the
+    same order), any other as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like_param(array, p: torch.Tensor) -> torch.Tensor:
+    """`array` (an optimizer moment read from a checkpoint) laid out as parameter `p`: its dtype and device and,
+    under FSDP, its shard of the same placement. Every rank holds the whole array and keeps its own slice:
+    no communication."""
+    whole = torch.tensor(array, dtype=p.dtype, device=p.device)
+    if not is_sharded(p):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Register every unit's sharded parameters again (a local step, no communication). FSDP2 leaves the
+    root's parameters gathered after a forward without backward (an evaluation), and while they are,
+    named_parameters() gives the gathered tensors, not the sharded ones the optimizer holds."""
+    fsdp = sys.modules["torch.distributed.fsdp"]
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """`model` went through fully_shard (attach_fsdp)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def _compute_precision(model: torch.nn.Module, train_spec: TrainSpec):
@@ -148,3 +211,35 @@ def attach_ddp(model: torch.nn.Module, fault=None) -> None:
 
         ddp.register_comm_hook(None, wrong_average)
     model.__dict__["_ddp"] = ddp  # not a submodule: the model's state and parameter names stay canonical
+
+
+# -- sharded data parallel (SPEC.md 25.7): FSDP2 under torchrun --fsdp ----------------------------------------
+def attach_fsdp(model: torch.nn.Module, fault=None) -> None:
+    """Shard `model` in place with FSDP2's fully_shard (the process group is initialized): each block is one
+    unit (gathered for its forward and backward, then freed), the root holds the rest (embeddings, the final
+    norm, nGPT's head). The parameters become DTensors, each rank holding a 1/W slice of dimension 0 of every
+    tensor; AdamW's moments follow them. The gradients are reduce-scattered as SUM then / W (never the AVG
+    op, SPEC.md 25.3) in float32, in the backward of the last micro-batch only (train_step).
+
+    Mixed precision stays autocast over float32 parameters, as in one process (SPEC.md 20.9):
+    MixedPrecisionPolicy(param_dtype=bfloat16) would gather bfloat16 parameters and so also run the
+    norms, the embeddings and the residual stream in bfloat16, another computation.
+
+    `fault` (negative controls only, runs/distributed.py): ("divide_by", N) divides the SUM by N."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if fault is not None and fault[0] == "skip_sync":
+        raise InputError("GPTSPEC_DP_FAULT=skip_sync is DDP's control: under FSDP a rank holds no gradient of its "
+                         "shard until the reduce-scatter, so there is no unsynchronized step to take")
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    # a block shared by every layer (blocks="shared", SPEC.md 16.1) runs n_layer times per forward: it stays
+    # in the root's unit rather than being gathered and freed n_layer times
+    blocks = list(model.h) if len(model.h) > 1 else []
+    units = [*blocks, model]
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    register_fsdp_forward_method(model, "loss")  # the step differentiates model.loss, not forward
+    for unit in units:  # per unit: these setters do not recurse
+        unit.set_force_sum_reduction_for_comms(True)
+        if fault is not None and fault[0] == "divide_by":
+            unit.set_gradient_divide_factor(float(fault[1]))

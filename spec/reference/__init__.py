@@ -16,7 +16,7 @@ from ..checks import check_draws_array, check_state_shapes, check_targets_array,
 from ..config import ModelSpec
 from ..errors import SpecError
 from ..params import param_table
-from . import gpt2, ngpt
+from . import conditioning, gpt2, ngpt
 from .ops import cross_entropy_backward, cross_entropy_forward
 
 _ARCHITECTURES = {"gpt2": gpt2, "ngpt": ngpt}
@@ -31,7 +31,8 @@ class LossAndGrads:
 
 def _as_f64(spec, params):
     check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "reference parameters")
-    return {n: np.asarray(a, dtype=np.float64) for n, a in params.items()}
+    # asany: conditioning.py's Noisy parameters stay Noisy (a training run's condition estimate)
+    return {n: np.asanyarray(a, dtype=np.float64) for n, a in params.items()}
 
 
 def _forward(spec, p, tokens):
@@ -84,6 +85,46 @@ def residual_stats(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens) ->
     tokens = np.asarray(tokens)
     check_tokens_array(spec, tokens)
     return gpt2.residual_stats(spec, _as_f64(spec, params), tokens)
+
+
+def condition(spec: ModelSpec, params: Mapping[str, np.ndarray], tokens, targets, draws=None,
+              off_sphere: Mapping[str, np.ndarray] | None = None, samples: int = 4, seed=0) -> dict[str, tuple]:
+    """SPEC.md 9: the condition estimates (kappa_l2, kappa_max, eta_l2, eta_max) of every tensor a conformance
+    check compares, by Monte Carlo arithmetic (conditioning.py): its errors per unit roundoff of every
+    operation (kappa), and per unit of absolute error where an operation's result underflows (eta). Named as
+    the checks name them: "logits", "loss", each parameter's gradient, "residual <row>" (architecture gpt2)
+    and, given the off-sphere weights of the normalization check, "normalized <name>"."""
+    p = _as_f64(spec, params)
+    q = None if off_sphere is None else _as_f64(spec, off_sphere)
+    tokens, targets = np.asarray(tokens), np.asarray(targets)
+    check_tokens_array(spec, tokens)
+    check_targets_array(spec, tokens.shape, targets)
+    check_draws_array(spec, tokens.shape, draws)
+    draws = None if draws is None else np.asarray(draws, np.float64)
+    names = [info.name for info in param_table(spec)]
+
+    def compute(perturbed: bool) -> dict[str, np.ndarray]:
+        pp = conditioning.noisy(p) if perturbed else p
+        out = {}
+        if spec.architecture == "gpt2":
+            value, logits, grads = gpt2.loss_and_grads(spec, pp, tokens, targets, draws)
+            out.update((f"residual {k}", v) for k, v in gpt2.residual_stats(spec, pp, tokens).items())
+        else:
+            logits, cache = ngpt.forward(spec, pp, tokens)
+            value, ce_cache = cross_entropy_forward(logits, targets)
+            grads = ngpt.backward(spec, pp, cache, cross_entropy_backward(ce_cache))
+        out.update(logits=logits, loss=value, **{n: grads[n] for n in names})
+        if q is not None:
+            normalized = ngpt.normalize_weights(spec, conditioning.noisy(q) if perturbed else q)
+            out.update((f"normalized {n}", normalized[n]) for n in names)
+        return out
+
+    exact = compute(False)
+    relative = conditioning.estimate(compute, samples, seed, exact=exact)
+    # float16's gradients of ~1e-5 are subnormal (below 6.1e-5): an absolute error (SPEC.md 9)
+    absolute = conditioning.estimate(compute, max(2, samples // 2), seed, conditioning.ETA, absolute=True,
+                                     exact=exact)
+    return {n: relative[n] + absolute[n] for n in relative}
 
 
 def normalize_weights(spec: ModelSpec, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -136,6 +136,6 @@ def normalize_weights(spec, params):
     out = dict(params)
     for info in param_table(spec):
         if info.unit_norm_axis is not None:
-            w = np.asarray(params[info.name], np.float64)
+            w = np.asanyarray(params[info.name], np.float64)  # asany: conditioning.py's Noisy stays Noisy
             out[info.name] = w / np.sqrt((w * w).sum(axis=info.unit_norm_axis, keepdims=True))
     return out

@@ -39,12 +39,13 @@ class TrainState:
     @classmethod
     def initial(cls, spec: ModelSpec, params: Mapping[str, np.ndarray]) -> "TrainState":
         check_state_shapes(spec, {n: np.shape(a) for n, a in params.items()}, "training weights")
-        p = {info.name: np.array(params[info.name], dtype=np.float64) for info in param_table(spec)}
+        # subok: conditioning.py's Noisy weights stay Noisy (a training run's condition estimate)
+        p = {info.name: np.array(params[info.name], dtype=np.float64, subok=True) for info in param_table(spec)}
         return cls(0, p, {n: np.zeros_like(a) for n, a in p.items()}, {n: np.zeros_like(a) for n, a in p.items()})
 
     def copy(self) -> "TrainState":
-        return TrainState(int(self.step), *({n: np.array(a, dtype=np.float64) for n, a in getattr(self, g).items()}
-                                            for g in _GROUPS))
+        return TrainState(int(self.step), *({n: np.array(a, dtype=np.float64, subok=True)
+                                             for n, a in getattr(self, g).items()} for g in _GROUPS))
 
     def check(self, spec: ModelSpec) -> None:
         """Names and shapes of the weights and both moments against the model; a step count >= 0."""
@@ -135,7 +136,9 @@ def _compute_weights(train_spec, params):
         return params
     from ...weights.format import round_to_dtype  # spec/ sits below weights/: import on use
 
-    return {n: round_to_dtype(a, "bfloat16").astype(np.float64) for n, a in params.items()}
+    # the rounding is the spec's, exact: done on plain values, then viewed as the input's class again (a Noisy
+    # master weight gives a Noisy compute weight, whose forward and backward are perturbed)
+    return {n: round_to_dtype(np.asarray(a), "bfloat16").astype(np.float64).view(type(a)) for n, a in params.items()}
 
 
 def global_norm(grads: Mapping[str, np.ndarray]) -> float:

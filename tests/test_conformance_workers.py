@@ -1,0 +1,153 @@
+"""tinygrad's conformance runs in worker processes (conformance/workers.py): the same Runs bit for bit as
+in the main process, a run's exception or a worker's death is that run's error outcome, nothing hangs,
+and Ctrl-C leaves no worker behind."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from gptspec import backends
+from gptspec.conformance import Case, runner, workers
+from gptspec.spec import BackendError, InputError
+
+pytestmark = pytest.mark.skipif("tinygrad" not in backends.available(),
+                                reason="the workers run tinygrad, which is not usable here")
+
+TINY = Case("test-tiny", 0, batch=3, length=16)
+
+
+def in_worker() -> bool:
+    return multiprocessing.parent_process() is not None
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):  # pickle rebuilds an exception from its args alone: this one cannot be
+        super().__init__(f"{a} and {b}")
+
+
+# Cases whose weights fail to load in a worker process only, so that the main process's reference runs.
+@dataclass(frozen=True)
+class FailsInWorker(Case):
+    def checkpoint(self):
+        if in_worker():
+            raise BackendError("the weights fail in the worker")
+        return super().checkpoint()
+
+
+@dataclass(frozen=True)
+class UnpicklableInWorker(Case):
+    def checkpoint(self):
+        if in_worker():
+            raise Unpicklable("one", "two")
+        return super().checkpoint()
+
+
+@dataclass(frozen=True)
+class KilledInWorker(Case):
+    def checkpoint(self):
+        if in_worker():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().checkpoint()
+
+
+class Hung(BaseException):
+    """Not an Exception: run_case would report one as the backend's error outcome and go on."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    """A hang becomes a failure."""
+    def expired(*_):
+        raise Hung(f"still waiting after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def our_workers() -> list:
+    """The suite's worker processes still alive (tinygrad's own compile pool aside)."""
+    return [p for p in multiprocessing.active_children() if p.name.startswith("gptspec-")]
+
+
+def tinygrad_rows(outcomes):
+    return [o for o in outcomes if o.subject == "tinygrad"]
+
+
+def test_worker_runs_equal_in_process_runs_bit_for_bit(monkeypatch):
+    taken, computed = [], []
+    take, backend_run = workers.Offload.take, runner.backend_run
+    monkeypatch.setattr(workers.Offload, "take", lambda self, key: taken.append(take(self, key)) or taken[-1])
+    monkeypatch.setattr(runner, "backend_run", lambda *a: computed.append(backend_run(*a)) or computed[-1])
+    with deadline(600):
+        offloaded = runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=1)
+        here = runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=0)
+    assert len(taken) == 1 and len(computed) == 1  # one from the worker, one computed here
+    (a,), (b,) = taken, computed
+    assert set(a.grads) == set(b.grads) and set(a.stats) == set(b.stats)
+    for x, y in [(a.logits, b.logits), (np.float64(a.loss), np.float64(b.loss))] + \
+            [(a.grads[n], b.grads[n]) for n in b.grads] + [(a.stats[n], b.stats[n]) for n in b.stats]:
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    (x,), (y,) = tinygrad_rows(offloaded), tinygrad_rows(here)
+    assert x.status == y.status == "ran" and x.ok
+    assert [(c.tensor, c.rel_l2, c.rel_max) for c in x.checks] == [(c.tensor, c.rel_l2, c.rel_max) for c in y.checks]
+
+
+def test_an_exception_in_the_worker_is_that_runs_error_outcome():
+    cases = [FailsInWorker("test-tiny", 0, batch=3, length=16), UnpicklableInWorker("test-tiny", 1, batch=3, length=16)]
+    with deadline(300):
+        outcomes = runner.run(["tinygrad"], cases, ["float32"], worker_processes=1)
+    first, second = tinygrad_rows(outcomes)
+    # as run_case reports an exception raised in the main process: "Type: message"
+    assert (first.status, first.message) == ("error", "BackendError: the weights fail in the worker")
+    assert (second.status, second.message) == ("error", "Unpicklable: one and two")
+    assert our_workers() == []
+
+
+def test_a_killed_worker_is_its_runs_error_and_a_new_worker_runs_the_rest():
+    cases = [KilledInWorker("test-tiny", 0, batch=3, length=16), Case("test-tiny", 1, batch=3, length=16)]
+    with deadline(600):
+        outcomes = runner.run(["tinygrad"], cases, ["float32"], worker_processes=1)
+    killed, after = tinygrad_rows(outcomes)
+    assert killed.status == "error" and "worker process died (exit code -9)" in killed.message
+    assert after.status == "ran" and after.ok and after.checks
+    assert our_workers() == []
+
+
+def test_ctrl_c_ends_the_workers():
+    def interrupt(case_id, subject, dtype):
+        raise KeyboardInterrupt
+
+    with deadline(120), pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=1, on_start=interrupt)
+    assert our_workers() == [] and workers.current is None
+
+
+def test_the_worker_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(workers.ENV, "0")
+    assert workers.worker_count() == 0 and workers.offloaded([backends.get("tinygrad")]) == []
+    monkeypatch.setenv(workers.ENV, "2")
+    assert workers.worker_count() == 2 and workers.offloaded([backends.get("tinygrad")]) == [backends.get("tinygrad")]
+    monkeypatch.delenv(workers.ENV)
+    assert workers.worker_count() == workers.DEFAULT_WORKERS == 0  # opt-in until measured on an idle core
+    monkeypatch.setenv(workers.ENV, "two")
+    with pytest.raises(InputError, match=r"GPTSPEC_CONFORMANCE_WORKERS must be a whole number.*'two'"):
+        workers.worker_count()
+
+
+def test_runs_are_split_by_dtype_in_the_suites_order():
+    plan = [(c, d, "CPU") for c in ("a", "b") for d in ("float32", "bfloat16", "float16")]
+    assert workers.split(plan, 3) == [[p for p in plan if p[1] == d] for d in ("float32", "bfloat16", "float16")]
+    assert workers.split(plan, 5) == workers.split(plan, 3)
+    assert workers.split(plan, 1) == [plan]
+    assert workers.split(plan, 2) == [[p for p in plan if p[1] != "bfloat16"], [p for p in plan if p[1] == "bfloat16"]]
+    assert workers.split([], 2) == []
