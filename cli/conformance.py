@@ -121,7 +121,6 @@ def cmd_conformance(args) -> int:
     from ..conformance import run
     from ..conformance.generation import generation_cases
     from ..conformance.report import details, generation_table, summary, table, to_json, trajectory_table
-    from ..conformance.trajectory import run_trajectory
 
     if args.json:
         check_output(args.json, make_parents=False)  # before the suite, not after it
@@ -149,10 +148,7 @@ def cmd_conformance(args) -> int:
                 stream.show(details(o, only_failures=not args.verbose))
 
         outcomes = run(chosen, suite, dtypes, device=args.device, pairwise=not args.no_pairwise,
-                       on_outcome=on_outcome, on_start=on_start, generation=generating)
-        for case, precision in training:
-            on_start(case.id, "training", precision)
-            outcomes += run_trajectory(chosen, case, precision, args.device, not args.no_pairwise, on_outcome)
+                       on_outcome=on_outcome, on_start=on_start, generation=generating, training=training)
     if any(o.kind == "model" for o in outcomes):
         console.print(table(outcomes))
     if any(o.kind == "generation" for o in outcomes):

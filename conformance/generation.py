@@ -22,6 +22,7 @@ against the reference's, judged as above; then every pair of backends.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -192,28 +193,35 @@ def judge_against_reference_greedy(spec: ModelSpec, params: Mapping[str, np.ndar
 @dataclass(frozen=True)
 class GreedyInputs:
     params: dict                # the informative weights, float32, as given to every backend
-    rounded: dict               # the same rounded to the dtype, float64: what the reference runs
     prompt: tuple[int, ...]
     new: int                    # tokens to generate
+    dtype: str
+
+    @functools.cached_property
+    def rounded(self) -> dict:
+        """The weights rounded to the dtype, float64: what the reference runs (only the judging needs them,
+        not a backend's run in a worker process)."""
+        from ..weights import round_to_dtype
+
+        return {n: round_to_dtype(a, self.dtype).astype(np.float64) for n, a in self.params.items()}
 
 
 _greedy_cache: dict = {}
 
 
-def greedy_inputs(case, dtype: str) -> GreedyInputs:
-    """The weights and prompt (the case's first PROMPT_TOKENS tokens) of the greedy check; the current
-    (case, dtype) is kept, so that its backends share them."""
-    from ..weights import round_to_dtype
+def greedy_inputs(case, dtype: str, inputs=None) -> GreedyInputs:
+    """The weights and prompt (the case's first PROMPT_TOKENS tokens) of the greedy check, from the case's
+    weights and tokens (`inputs`: a runner.Reference, by default the reference run's); the current (case,
+    dtype) is kept, so that its backends share them."""
     from .runner import reference_run
 
     key = (case, dtype)
     if key not in _greedy_cache:
-        ref = reference_run(case, dtype)
+        ref = inputs if inputs is not None else reference_run(case, dtype)
         params = informative_weights(ref.spec, ref.params, case.synthetic)
-        rounded = {n: round_to_dtype(a, dtype).astype(np.float64) for n, a in params.items()}
         prompt = tuple(int(t) for t in ref.tokens[0, :PROMPT_TOKENS])
         _greedy_cache.clear()
-        _greedy_cache[key] = GreedyInputs(params, rounded, prompt, min(NEW_TOKENS, ref.spec.n_positions - len(prompt)))
+        _greedy_cache[key] = GreedyInputs(params, prompt, min(NEW_TOKENS, ref.spec.n_positions - len(prompt)), dtype)
     return _greedy_cache[key]
 
 
@@ -224,7 +232,10 @@ class GenerationRun:
     seconds: float
 
 
-def generation_run(backend, case, dtype: str, device: str) -> GenerationRun:
+def generation_run(backend, case, dtype: str, device: str, inputs=None) -> GenerationRun:
+    """The backend's cached logits of the case's first sequence and its greedy continuation; `inputs` (a
+    runner.Reference holding the case's weights and tokens, crossmachine.inputs_of) instead of the
+    reference run's, where the float64 reference is not wanted (a worker process)."""
     import time
 
     from ..backends.generation import generate
@@ -232,7 +243,8 @@ def generation_run(backend, case, dtype: str, device: str) -> GenerationRun:
     from .runner import reference_run
 
     start = time.perf_counter()
-    ref, greedy = reference_run(case, dtype), greedy_inputs(case, dtype)
+    ref = inputs if inputs is not None else reference_run(case, dtype)
+    greedy = greedy_inputs(case, dtype, ref)
     model = backend.build(ref.spec, ref.params, dtype, device)
     logits = cached_logits(backend, model, ref.tokens[:1])
     if any(greedy.params[n] is not a for n, a in ref.params.items()):  # the informative weights differ
@@ -251,6 +263,7 @@ def run_generation(backends, case, dtype: str, device: str | None = None, pairwi
     from itertools import combinations
 
     from ..spec import BackendError
+    from . import workers
     from .metrics import compare
     from .runner import Outcome, backend_gap, memory_gap, reference_run
 
@@ -276,7 +289,8 @@ def run_generation(backends, case, dtype: str, device: str | None = None, pairwi
             if on_start:
                 on_start(case.id, f"{backend.name} generation", dtype)
             try:
-                run = generation_run(backend, case, dtype, dev)
+                run = workers.take_or_compute((backend.name, case, dtype, dev, "generation"),
+                                              lambda: generation_run(backend, case, dtype, dev))
             except BackendError as e:
                 if "does not implement generation" in str(e):  # a gap, as a variant a backend lacks
                     out.status, out.message = "not implemented", str(e)

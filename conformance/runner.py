@@ -192,11 +192,7 @@ def cached_run(backend: Backend, case: Case, ref: Reference, dtype: str, device:
     if key not in _runs:
         if any(k[1:3] != (case, dtype) for k in _runs):
             _runs.clear()
-        offload = workers.current
-        if offload is not None and offload.serves(key):
-            _runs[key] = offload.take(key)
-        else:
-            _runs[key] = backend_run(backend, ref, dtype, device)
+        _runs[key] = workers.take_or_compute((*key, "model"), lambda: backend_run(backend, ref, dtype, device))
     return _runs[key]
 
 
@@ -338,23 +334,27 @@ def run(
     backends: Iterable[str | Backend], cases: Iterable[Case], dtypes: Iterable[str] | None = None,
     device: str | None = None, pairwise: bool = True, on_outcome: Callable[[Outcome], None] | None = None,
     on_start: OnStart | None = None, generation: Iterable[Case] = (), worker_processes: int | None = None,
+    training: Iterable[tuple] = (),
 ) -> list[Outcome]:
     """The suite: every case x dtype x backend (and pair). Dtypes default to all the spec defines.
     `generation`: the cases (of `cases`) whose KV cache and greedy decoding are checked too
     (conformance/generation.py, e.g. generation_cases(cases)), each right after its case's own rows,
-    so that the reference is reused. `on_outcome` gets each outcome as it is known, `on_start` each
-    long step as it begins. tinygrad's runs are computed in worker processes beside this one
-    (conformance/workers.py; the same results): `worker_processes` of them at most (default
-    $GPTSPEC_CONFORMANCE_WORKERS, else 1; 0: none, everything in this process)."""
+    so that the reference is reused. `training`: (TrajectoryCase, precision) pairs whose training
+    trajectories follow (conformance/trajectory.py run_trajectory). `on_outcome` gets each outcome as it
+    is known, `on_start` each long step as it begins. tinygrad's runs (model, generation and training)
+    are computed in worker processes beside this one (conformance/workers.py; the same results):
+    `worker_processes` of them at most (default $GPTSPEC_CONFORMANCE_WORKERS, else
+    workers.DEFAULT_WORKERS; 0: none, everything in this process)."""
     from ..spec import DTYPES
     from .generation import run_generation
+    from .trajectory import run_trajectory
 
     resolved = [get(b) if isinstance(b, str) else b for b in backends]
-    cases, dtypes, generating = list(cases), list(dtypes or DTYPES), set(generation)
+    cases, dtypes, generating, training = list(cases), list(dtypes or DTYPES), set(generation), list(training)
     outcomes = []
     count = workers.worker_count(worker_processes)
     offload = workers.Offload((b.name, plan) for b in workers.offloaded(resolved, count)
-                              for plan in workers.split(_plan(b, cases, dtypes, device), count))
+                              for plan in workers.split(_plan(b, cases, dtypes, device, generating, training), count))
     workers.current = offload
     try:
         for case in cases:
@@ -363,14 +363,45 @@ def run(
                 if case in generating:
                     outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
                 release()
+        for case, precision in training:
+            if on_start:
+                on_start(case.id, "training", precision)
+            outcomes += run_trajectory(resolved, case, precision, device, pairwise, on_outcome)
     finally:  # Ctrl-C or a crash here ends the worker too
         workers.current = None
         offload.close()
     return outcomes
 
 
-def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | None) -> list[tuple]:
-    """The (case, dtype, device) runs of `backend` that run_case will ask for, in the suite's order."""
+def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | None, generating=frozenset(),
+          training: Iterable[tuple] = ()) -> list[tuple]:
+    """The (case, dtype, device, kind) runs of `backend` that the suite will ask for, in the suite's order:
+    its model runs, its generation runs (the cases of `generating`) and its training runs (`training`, the
+    dtype being the precision). A training run whose inputs need the float64 reference (the early-exit
+    loss's draws) or whose memory would add to the reference's (WORKER_TRAINING_PARAMS) is left to the main
+    process, as is everything run_case or run_trajectory would not run."""
+    from .trajectory import trains
+
     dev = device or backend.devices()[0]
-    return [(case, dtype, dev) for case in cases if not memory_gap(case)
-            for dtype in dtypes if not backend_gap(backend, case.spec, dtype, dev)]
+    plan = []
+    for case in cases:
+        if memory_gap(case):
+            continue
+        for dtype in dtypes:
+            if not backend_gap(backend, case.spec, dtype, dev):
+                plan.append((case, dtype, dev, "model"))
+                if case in generating:
+                    plan.append((case, dtype, dev, "generation"))
+    for case, precision in training:
+        if not (memory_gap(case.model_case) or precision not in case.precisions or backend.unsupported(case.spec)
+                or not trains(backend) or case.spec.loss == "early_exit"
+                or case.spec.n_params > WORKER_TRAINING_PARAMS):
+            plan.append((case, precision, dev, "trajectory"))
+    return plan
+
+
+# Larger training runs stay in the main process, where they never overlap the float64 reference's training
+# run: in the worker, tinygrad's gpt2 training (its model, AdamW state and the state it hands back, ~9 GB at
+# the peak) coincided with the main process's reference trajectory (~11.7 GB), and the run's peak, all
+# processes, went from 14.4 GB to 20.5 GB on a 24 GB machine, to gain ~5 s of 285.
+WORKER_TRAINING_PARAMS = 20_000_000

@@ -44,6 +44,7 @@ from ..spec.train import PRECISIONS, TrainSpec
 from ..weights import round_to_dtype
 from .cases import Case, exit_draws
 from .metrics import Check, compare
+from . import workers
 from .runner import Outcome, memory_gap
 
 TIERS = ("default", "heavy")
@@ -331,7 +332,9 @@ def cached_trajectory(backend: Backend, case: TrajectoryCase, ref: ReferenceTraj
     if key not in _runs:
         if any(k[2:4] != (case, precision) for k in _runs):
             _runs.clear()
-        _runs[key] = backend_trajectory(backend, case, ref, device)
+        # from the suite's worker process where it trains this backend (conformance/workers.py), else here
+        _runs[key] = workers.take_or_compute((backend.name, case, precision, device, "trajectory"),
+                                             lambda: backend_trajectory(backend, case, ref, device))
     return _runs[key]
 
 

@@ -1,32 +1,40 @@
-"""One backend's model runs in a worker process, beside the main process's work.
+"""One backend's runs in a worker process, beside the main process's work.
 
 tinygrad's CPU device runs every kernel on one core, and most of its time in the suite is its own
 (single-threaded) kernel generation; the float64 reference, torch and MLX use BLAS on every core.
-So `run` (runner.py) hands tinygrad's runs of the whole suite to a worker process, which computes
-them in the suite's order while the main process computes the reference, the other backends and
-the checks. The worker sends each Run as it is done; the main process takes it when the suite
-reaches that backend (runner.cached_run), so the checks are exactly those of an in-process run.
+So `run` (runner.py) hands tinygrad's runs of the whole suite to a worker process: its model runs
+(runner.backend_run), its KV-cache generation runs (generation.generation_run) and its training
+runs (trajectory.backend_trajectory), which it computes in the suite's order from the cases'
+weights and inputs alone while the main process computes the float64 reference, the other backends
+and the checks. The worker sends each run as it is done; the main process takes it when the suite
+reaches that backend (runner.cached_run, generation.run_generation, trajectory.cached_trajectory,
+through take_or_compute), so the checks are exactly those of an in-process run.
 
 - A process, not a thread: tinygrad's compile workers and cache database are not thread-safe
   beside the other frameworks' imports. Spawned, not forked: a fork would copy the main process's
   framework state (MLX, torch threads) into the child.
-- Memory stays bounded: the worker sends one Run at a time through a pipe and blocks until the
-  main process has read it, so it is at most one run ahead (gpt2's gradients are ~500 MB a run).
+- Memory stays bounded: at most AHEAD finished runs wait unread in the worker beside the one it
+  computes (a gpt2 run's gradients are ~500 MB, a gpt2 training run's state ~1.5 GB).
 - A run that raises is that backend's error outcome for its (case, dtype), with the same message
   as in-process. A worker that dies (killed, out of memory) is the error of the run it was on, and
   a fresh worker takes over the rest; a dead worker is noticed by the closed pipe, never waited on.
+- A training run whose inputs need the float64 reference (the early-exit loss's draws) stays in the
+  main process (runner._plan).
 - Ctrl-C reaches the worker too (one process group); the main process ends it on the way out.
 
-GPTSPEC_CONFORMANCE_WORKERS=0 runs everything in the main process, as before; =n (default 1) splits
-a backend's runs by dtype among up to n workers. The runs of one dtype share their kernels (the next
-seed reuses what the first compiled) and those of another dtype share none, so the split costs no
-compile; but every worker holds a model and a run of its own (gpt2: a few GB), so the default is one.
+GPTSPEC_CONFORMANCE_WORKERS=0 runs everything in the main process; =n (default 1) splits a
+backend's runs by dtype (training runs: by precision) among up to n workers. The runs of one dtype
+share their kernels (the next seed reuses what the first compiled) and those of another dtype share
+none, so the split costs no compile; but every worker holds a model and runs of its own (gpt2: a
+few GB), so the default is one.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import pickle
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -36,11 +44,17 @@ ENV = "GPTSPEC_CONFORMANCE_WORKERS"
 # The backends whose work is single-threaded on a CPU, so that running them beside the rest gains.
 SINGLE_CORE = ("tinygrad",)
 POLL_S = 1.0  # how often a wait for the worker checks that it still lives
-# Worker processes per offloaded backend. More can finish sooner, but each holds a gpt2 model and run of
-# its own: one per dtype (3) took the suite's peak memory, all processes, from 6.5 to 12 GB. Off by default:
-# one worker costs ~2.7 GB more and, on a machine whose cores were never idle (load 6-13), gained nothing
-# (482 s vs 475 s); it pays where a core would otherwise idle while tinygrad runs single-threaded.
-DEFAULT_WORKERS = 0
+# Finished runs waiting in a worker's queue, beside the one its sending thread is handing over and the one it
+# computes. Sending from the computing thread (send, then wait for the read) left the worker idle whenever the
+# main process was busy: it began each gpt2 run only once the last had been taken. Each finished gpt2 run
+# held is ~0.5 GB of gradients; a queue of 2 gained nothing measurable over 1 at the same peak memory.
+AHEAD = 1
+# Worker processes per offloaded backend. More can finish sooner, but each holds a gpt2 model and runs of
+# its own: one per dtype (3) took the suite's peak memory, all processes, from 6.5 to 12 GB. One by default:
+# on an idle 2-core machine it took `gptspec conformance` from 314 s to 271 s (bench/conformance_phases.py)
+# at a lower peak (13.8 GB, all processes, against 14.4); on a machine whose cores were never idle (load
+# 6-13) it gained nothing (482 s vs 475 s), since it needs the core the main process leaves.
+DEFAULT_WORKERS = 1
 
 
 def worker_count(given: int | None = None) -> int:
@@ -80,9 +94,9 @@ def offloaded(backends: Iterable, count: int | None = None) -> list:
 
 
 def split(plan: list[tuple], count: int) -> list[list[tuple]]:
-    """`plan`'s (case, dtype, device) runs as the plans of up to `count` workers, each dtype's runs in
-    one worker, so that its seeds reuse its kernels; the suite's order kept."""
-    dtypes = list(dict.fromkeys(dtype for _, dtype, _ in plan))
+    """`plan`'s (case, dtype, device, kind) runs as the plans of up to `count` workers, each dtype's (or
+    training precision's) runs in one worker, so that its seeds reuse its kernels; the suite's order kept."""
+    dtypes = list(dict.fromkeys(item[1] for item in plan))
     n = min(count, len(dtypes))
     if n == 0:
         return []
@@ -112,27 +126,84 @@ def _portable(e: Exception):
         return _Failure(type(e).__name__, str(e))
 
 
+def _compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
+    """One planned run, as the main process would compute it: a model run (runner.backend_run), a
+    generation run (generation.generation_run) or a training run (trajectory.backend_trajectory), from the
+    case's weights and inputs alone, never the float64 reference. `inputs` keeps the current case's."""
+    from .crossmachine import inputs_of, trajectory_inputs
+
+    if inputs.get("case") != case:
+        inputs.clear()  # the previous case's weights go before this one's load
+        inputs["case"] = case
+    if kind == "trajectory":
+        from .trajectory import backend_trajectory
+
+        if dtype not in inputs:
+            inputs[dtype] = trajectory_inputs(case, dtype)  # dtype: the training precision
+        return backend_trajectory(backend, case, inputs[dtype], device)
+    if "model" not in inputs:
+        inputs["model"] = inputs_of(case)
+    if kind == "generation":
+        from .generation import generation_run
+
+        return generation_run(backend, case, dtype, device, inputs["model"])
+    from .runner import backend_run
+
+    return backend_run(backend, inputs["model"], dtype, device)
+
+
+class _Outbox:
+    """The worker's messages, sent by a thread of their own: while the main process has not yet read a run,
+    the worker computes the next ones, at most AHEAD of them finished and waiting. A send that fails (the
+    main process is gone) ends the worker at its next put."""
+
+    def __init__(self, conn):
+        self.conn, self.queue, self.gone = conn, queue.Queue(maxsize=AHEAD), threading.Event()
+        self.thread = threading.Thread(target=self._send_all, daemon=True, name="gptspec-outbox")
+        self.thread.start()
+
+    def _send_all(self) -> None:
+        while (message := self.queue.get()) is not None:
+            try:
+                self.conn.send(message)  # returns once the main process has read it (large runs)
+            except (BrokenPipeError, EOFError, OSError):
+                self.gone.set()
+                return
+            del message
+
+    def put(self, message) -> None:
+        while not self.gone.is_set():
+            try:
+                self.queue.put(message, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise BrokenPipeError("the main process is gone")
+
+    def close(self) -> None:
+        """Every message sent (or the main process gone)."""
+        self.put(None)
+        self.thread.join()
+
+
 def _serve(backend_name: str, plan: list[tuple], conn) -> None:
-    """The worker: backend_run of each (case, dtype, device) of `plan`, in order, each sent as
-    (key, Run, None) or (key, None, exception)."""
+    """The worker: each (case, dtype, device, kind) of `plan` computed in order (_compute), each sent as
+    (key, run, None) or (key, None, exception)."""
     try:
         from ..backends import get
-        from .crossmachine import inputs_of
-        from .runner import backend_run
 
         backend = get(backend_name)
-        inputs = None
-        for case, dtype, device in plan:
-            key = (backend_name, case, dtype, device)
+        inputs: dict = {}
+        outbox = _Outbox(conn)
+        for item in plan:
+            key = (backend_name, *item)
             try:
-                if inputs is None or inputs[0] != case:
-                    inputs = None  # the previous case's weights go before this one's load
-                    inputs = (case, inputs_of(case))
-                message = (key, backend_run(backend, inputs[1], dtype, device), None)
+                message = (key, _compute(backend, *item, inputs), None)
             except Exception as e:  # noqa: BLE001 -- reported as the run's outcome, as in-process
                 message = (key, None, _portable(e))
-            conn.send(message)  # blocks until the main process reads it: at most one run ahead
+            outbox.put(message)  # waits while AHEAD finished runs are unread
             del message
+        outbox.close()
     except (KeyboardInterrupt, BrokenPipeError, EOFError):
         pass  # Ctrl-C, or the main process is gone: nothing is left to report to
     finally:
@@ -140,7 +211,7 @@ def _serve(backend_name: str, plan: list[tuple], conn) -> None:
 
 
 class _Worker:
-    """One spawned process serving the runs of `plan` (keys (backend, case, dtype, device)) in order."""
+    """One spawned process serving the runs of `plan` (keys (backend, case, dtype, device, kind)) in order."""
 
     def __init__(self, backend_name: str, plan: list[tuple]):
         context = multiprocessing.get_context("spawn")
@@ -176,7 +247,7 @@ class _Worker:
 class Offload:
     """The worker runs of one suite: `take(key)` gives a planned run's Run (or raises its error);
     a worker that dies is that run's error and a new one continues with the rest of its plan.
-    `plans`: (backend name, [(case, dtype, device), ...]), one per worker process."""
+    `plans`: (backend name, [(case, dtype, device, kind), ...]), one per worker process."""
 
     def __init__(self, plans: Iterable[tuple[str, list[tuple]]]):
         self._workers: list[_Worker | None] = []
@@ -237,3 +308,11 @@ class Offload:
 
 # The suite's offload while `run` is under way (runner.cached_run takes from it); None otherwise.
 current: Offload | None = None
+
+
+def take_or_compute(key: tuple, compute):
+    """The run of `key` (backend, case, dtype, device, kind) from the suite's worker where it computes it,
+    else `compute()` here."""
+    if current is not None and current.serves(key):
+        return current.take(key)
+    return compute()

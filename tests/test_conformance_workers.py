@@ -138,7 +138,7 @@ def test_the_worker_count_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(workers.ENV, "2")
     assert workers.worker_count() == 2 and workers.offloaded([backends.get("tinygrad")]) == [backends.get("tinygrad")]
     monkeypatch.delenv(workers.ENV)
-    assert workers.worker_count() == workers.DEFAULT_WORKERS == 0  # opt-in until measured on an idle core
+    assert workers.worker_count() == workers.DEFAULT_WORKERS == 1  # measured faster on an idle 2-core machine
     monkeypatch.setenv(workers.ENV, "two")
     with pytest.raises(InputError, match=r"GPTSPEC_CONFORMANCE_WORKERS must be a whole number.*'two'"):
         workers.worker_count()
@@ -151,3 +151,45 @@ def test_runs_are_split_by_dtype_in_the_suites_order():
     assert workers.split(plan, 1) == [plan]
     assert workers.split(plan, 2) == [[p for p in plan if p[1] != "bfloat16"], [p for p in plan if p[1] == "bfloat16"]]
     assert workers.split([], 2) == []
+
+
+def test_generation_and_training_runs_in_the_worker_equal_in_process_ones(monkeypatch):
+    """The worker also serves tinygrad's KV-cache generation and training runs (the suite's order: model,
+    generation, then the trajectories), and their checks are those of an in-process run, number for number."""
+    from gptspec.conformance.trajectory import trajectory_cases
+
+    tcase = next(c for c in trajectory_cases() if c.id.startswith("test-tiny/"))
+    served = []
+    take = workers.Offload.take
+    monkeypatch.setattr(workers.Offload, "take", lambda self, key: served.append(key[-1]) or take(self, key))
+    suite = dict(generation=[TINY], training=[(tcase, "float32")])
+    with deadline(900):
+        offloaded = runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=1, **suite)
+        here = runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=0, **suite)
+    assert served == ["model", "generation", "trajectory"]
+    assert [o.kind for o in tinygrad_rows(offloaded)] == ["model", "generation", "trajectory"]
+
+    def numbers(outcomes):
+        return [(o.kind, o.status, [(c.tensor, c.rel_l2, c.rel_max) for c in o.checks],
+                 [v.message for v in o.verdicts]) for o in tinygrad_rows(outcomes)]
+
+    assert numbers(offloaded) == numbers(here)
+    assert all(o.ok and o.checks for o in tinygrad_rows(offloaded))
+    assert our_workers() == []
+
+
+def test_training_runs_that_need_the_reference_stay_in_the_main_process():
+    """The early-exit loss's draws come from the reference's weights at each step: such a run is not planned
+    for a worker (which never computes the float64 reference), nor is a gpt2-sized one (its memory would add to
+    the reference's training run); the other trajectories are, after the model runs."""
+    from gptspec.conformance.trajectory import trajectory_cases
+
+    tiny, exits, gpt2 = (next(c for c in trajectory_cases() if c.id.startswith(p))
+                         for p in ("test-tiny/", "early-exit:", "gpt2/"))
+    tg = backends.get("tinygrad")
+    dev = tg.devices()[0]
+    plan = runner._plan(tg, [TINY], ["float32"], None, {TINY}, [(exits, "float32"), (tiny, "float32"),
+                                                                 (tiny, "float16"), (gpt2, "float32")])
+    assert plan == [(TINY, "float32", dev, "model"), (TINY, "float32", dev, "generation"),
+                    (tiny, "float32", dev, "trajectory")]  # float16: not one of test-tiny's training precisions
+    assert gpt2.spec.n_params > runner.WORKER_TRAINING_PARAMS

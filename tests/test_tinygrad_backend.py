@@ -197,6 +197,23 @@ def test_without_clang_the_backend_says_what_to_install(monkeypatch, mini_file):
         backends.load("tinygrad", mini_file)
 
 
+def test_settings_tinygrad_refuses_leave_it_out_with_its_own_words():
+    """tinygrad asserts on some old settings (CUDA=1: "use DEV=CUDA instead") wherever it picks its default
+    device, so every tensor would fail: the backend is unavailable, in tinygrad's words, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from gptspec import backends; print(backends.available()); print(backends.status()['tinygrad'])")
+    env = {k: v for k, v in os.environ.items() if k != "DEV"}  # DEV, when set, wins over the old variables
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "CUDA": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    available, why = done.stdout.splitlines()[-2:]
+    assert "tinygrad" not in available
+    assert "refuses its device settings" in why and "DEV=CUDA" in why
+
+
 @pytest.mark.variant("ngpt")
 @needs_device
 def test_normalize_in_place_matches_the_reference_and_keeps_the_jit_fresh():

@@ -55,11 +55,17 @@ def tinygrad_device(device: str | None = None) -> str:
             return Device.DEFAULT
         except RuntimeError as e:  # tinygrad opened no device at all
             raise BackendError(f"tinygrad has no usable device here: {NO_CLANG if clang() is None else e}") from None
+        except AssertionError as e:  # tinygrad refuses its environment, e.g. "CUDA=1 is deprecated, use DEV=CUDA"
+            raise BackendError(refused(e)) from None
     kind, _, index = str(device).partition(":")
     kind = {"MPS": "METAL"}.get(kind.upper(), kind.upper())
     if kind not in ALL_DEVICES or not (index == "" or index.isdigit()):
         raise BackendError(f"tinygrad has no device {device!r}; it has {', '.join(d.lower() for d in ALL_DEVICES)}")
     return f"{kind}:{index}" if index not in ("", "0") else kind
+
+
+def refused(e: AssertionError) -> str:
+    return f"tinygrad refuses its device settings: {e}"
 
 
 def why_not(dev: str) -> str | None:
@@ -206,15 +212,29 @@ class TinygradBackend(Backend):
         return f"tinygrad {importlib.metadata.version('tinygrad')}"
 
     def devices(self) -> list[str]:
+        if self._settings_refused():  # every tensor would fail on tinygrad's default device
+            return []
         try:
             default = tinygrad_device(None)
         except BackendError:
             default = None
         return [d.lower() for d in dict.fromkeys(filter(None, (default, "CPU"))) if why_not(d) is None]
 
+    @staticmethod
+    def _settings_refused() -> str | None:
+        try:
+            Device.DEFAULT
+        except AssertionError as e:
+            return refused(e)
+        except Exception:  # noqa: BLE001 -- no device at all: devices() says so in its own words
+            return None
+        return None
+
     def unavailable_reason(self) -> str | None:
         if self.devices():
             return None
+        if (why := self._settings_refused()) is not None:
+            return why
         return NO_CLANG if clang() is None else f"tinygrad opens no device here: {why_not('CPU')}"
 
     def dtypes(self, device: str) -> tuple[str, ...]:
