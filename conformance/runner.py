@@ -403,5 +403,5 @@ def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | 
 # Larger training runs stay in the main process, where they never overlap the float64 reference's training
 # run: in the worker, tinygrad's gpt2 training (its model, AdamW state and the state it hands back, ~9 GB at
 # the peak) coincided with the main process's reference trajectory (~11.7 GB), and the run's peak, all
-# processes, went from 14.4 GB to 20.5 GB on a 24 GB machine, to gain ~5 s of 285.
+# processes, went from 14.4 GB to 20.5 GB on a 24 GB machine, for no gain (279-285 s against 271 s).
 WORKER_TRAINING_PARAMS = 20_000_000

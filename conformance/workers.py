@@ -13,13 +13,13 @@ through take_or_compute), so the checks are exactly those of an in-process run.
 - A process, not a thread: tinygrad's compile workers and cache database are not thread-safe
   beside the other frameworks' imports. Spawned, not forked: a fork would copy the main process's
   framework state (MLX, torch threads) into the child.
-- Memory stays bounded: at most AHEAD finished runs wait unread in the worker beside the one it
-  computes (a gpt2 run's gradients are ~500 MB, a gpt2 training run's state ~1.5 GB).
+- Memory stays bounded: beside the run it computes, the worker holds at most the one its sending
+  thread is handing over and AHEAD more in its queue (a gpt2 run's gradients are ~500 MB).
 - A run that raises is that backend's error outcome for its (case, dtype), with the same message
   as in-process. A worker that dies (killed, out of memory) is the error of the run it was on, and
   a fresh worker takes over the rest; a dead worker is noticed by the closed pipe, never waited on.
-- A training run whose inputs need the float64 reference (the early-exit loss's draws) stays in the
-  main process (runner._plan).
+- A training run whose inputs need the float64 reference (the early-exit loss's draws) or whose memory
+  would add to the reference's training run (gpt2-sized) stays in the main process (runner._plan).
 - Ctrl-C reaches the worker too (one process group); the main process ends it on the way out.
 
 GPTSPEC_CONFORMANCE_WORKERS=0 runs everything in the main process; =n (default 1) splits a
