@@ -198,14 +198,20 @@ class Backend(ABC):
         return self._train_step(model, optimizer, train_spec, it, micro_batches,
                                 None if draws is None else [np.asarray(u, np.float32) for u in draws])
 
-    def optimizer_state(self, model: Any, optimizer: Any) -> TrainState:
-        """The model's weights and the optimizer's step count and moments, canonical names, float64 numpy."""
-        return self._optimizer_state(model, optimizer)
+    def optimizer_state(self, model: Any, optimizer: Any, dtype: str = "float64") -> TrainState:
+        """The model's weights and the optimizer's step count and moments, canonical names, float64 numpy;
+        dtype="float32" gives the same values (every backend trains float32 weights and moments) in half
+        the memory."""
+        if dtype not in ("float64", "float32"):
+            raise InputError(f"an optimizer state is exported as float64 or float32, not {dtype!r}")
+        return self._optimizer_state(model, optimizer, np.dtype(dtype))
 
     def train(self, model: Any, train_spec: TrainSpec, batches: Sequence[Sequence[tuple]],
-              draws: Sequence[Sequence[np.ndarray]] | None = None, state: TrainState | None = None) -> TrainResult:
+              draws: Sequence[Sequence[np.ndarray]] | None = None, state: TrainState | None = None,
+              state_dtype: str = "float64") -> TrainResult:
         """len(batches) optimizer steps on `model`, in place, from `state` (None: fresh moments at step 0),
-        with the same arguments as the float64 reference (spec.reference.train), and its result type."""
+        with the same arguments as the float64 reference (spec.reference.train), and its result type;
+        the result's state in `state_dtype` (optimizer_state's dtype)."""
         optimizer = self.optimizer(model, train_spec, state)
         if draws is not None and len(draws) != len(batches):
             raise InputError(f"draws hold {len(draws)} step(s), batches {len(batches)}: one entry per step")
@@ -216,7 +222,7 @@ class Backend(ABC):
             result.losses.append(stats.loss)
             result.grad_norms.append(stats.grad_norm)
             result.lrs.append(stats.lr)
-        result.state = self.optimizer_state(model, optimizer)
+        result.state = self.optimizer_state(model, optimizer, state_dtype)
         return result
 
     # -- the hooks each backend writes -------------------------------------------------------------
@@ -270,7 +276,7 @@ class Backend(ABC):
     def _load_optimizer_state(self, model: Any, optimizer: Any, state: TrainState) -> None:
         raise BackendError(f"{self.name} does not implement reading an optimizer state")
 
-    def _optimizer_state(self, model: Any, optimizer: Any) -> TrainState:
+    def _optimizer_state(self, model: Any, optimizer: Any, dtype: np.dtype) -> TrainState:
         raise BackendError(f"{self.name} does not implement writing an optimizer state")
 
     def _train_step(self, model: Any, optimizer: Any, train_spec: TrainSpec, it: int,

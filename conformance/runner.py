@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import combinations
 from typing import Callable, Iterable, Mapping
 
@@ -353,8 +353,17 @@ def run(
     cases, dtypes, generating, training = list(cases), list(dtypes or DTYPES), set(generation), list(training)
     outcomes = []
     count = workers.worker_count(worker_processes)
-    offload = workers.Offload((b.name, plan) for b in workers.offloaded(resolved, count)
-                              for plan in workers.split(_plan(b, cases, dtypes, device, generating, training), count))
+    offloaded = workers.offloaded(resolved, count)
+    plans = [(b.name, plan) for b in offloaded
+             for plan in workers.split(_plan(b, cases, dtypes, device, generating, training), count)]
+    # While the main process waits for a worker (whose first runs compile every kernel), it does work it
+    # needs later anyway: the condition estimates of the cases to come, then the offloaded backends'
+    # training runs too large for a worker (_plan), each kept until the suite reaches it.
+    chores = [(None, partial(conditioning, case)) for case in cases[:conditioning.cache_info().maxsize]
+              if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
+    chores += [((b.name, *item), partial(workers.compute, b, *item, {}))
+               for b in offloaded for item in _training_plan(b, training, device, ahead=True)]
+    offload = workers.Offload(plans, chores)
     workers.current = offload
     try:
         for case in cases:
@@ -380,8 +389,6 @@ def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | 
     dtype being the precision). A training run whose inputs need the float64 reference (the early-exit
     loss's draws) or whose memory would add to the reference's (WORKER_TRAINING_PARAMS) is left to the main
     process, as is everything run_case or run_trajectory would not run."""
-    from .trajectory import trains
-
     dev = device or backend.devices()[0]
     plan = []
     for case in cases:
@@ -392,13 +399,31 @@ def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | 
                 plan.append((case, dtype, dev, "model"))
                 if case in generating:
                     plan.append((case, dtype, dev, "generation"))
+    return plan + _training_plan(backend, training, device)
+
+
+def _training_plan(backend: Backend, training: Iterable[tuple], device: str | None, ahead: bool = False) -> list:
+    """The (case, precision, device, "trajectory") training runs of `backend` for a worker, or, `ahead`,
+    those too large for one (WORKER_TRAINING_PARAMS) that the main process can compute while it waits
+    (up to AHEAD_PARAMS)."""
+    from .trajectory import trains
+
+    dev = device or backend.devices()[0]
+    plan = []
     for case, precision in training:
-        if not (memory_gap(case.model_case) or precision not in case.precisions or backend.unsupported(case.spec)
-                or not trains(backend) or case.spec.loss == "early_exit"
-                or case.spec.n_params > WORKER_TRAINING_PARAMS):
+        if (memory_gap(case.model_case) or precision not in case.precisions or backend.unsupported(case.spec)
+                or not trains(backend) or case.spec.loss == "early_exit"):
+            continue
+        size = case.spec.n_params
+        if (WORKER_TRAINING_PARAMS < size <= AHEAD_PARAMS) if ahead else size <= WORKER_TRAINING_PARAMS:
             plan.append((case, precision, dev, "trajectory"))
     return plan
 
+
+# The work done ahead while waiting for a worker (run's chores): up to the gpt2 shapes, whose condition estimate
+# (~4 GB at its peak) and tinygrad training run (~9 GB at its peak, 1.5 GB kept) fit beside the small case's run
+# the main process holds while it waits; a larger model's would add to the large case it may be holding.
+AHEAD_PARAMS = 130_000_000
 
 # Larger training runs stay in the main process, where they never overlap the float64 reference's training
 # run: in the worker, tinygrad's gpt2 training (its model, AdamW state and the state it hands back, ~9 GB at

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backends import Backend, get
 from ..spec import IGNORE_INDEX, ModelSpec, param_table, reference
-from ..spec.reference.training import TrainState
+from ..spec.reference.training import TrainState, train_step
 from ..spec.variants import VARIANTS
 from ..spec.tolerance import (METRICS, TRAJECTORY_QUANTITIES, trajectory_bound, trajectory_conditioned_bound,
                               trajectory_is_conditioned)
@@ -242,11 +242,11 @@ def reference_trajectory(case: TrajectoryCase, precision: str) -> ReferenceTraje
     out.draws = [] if exits else None
     for i, micro_batches in enumerate(batches):
         draws = _step_draws(spec, ts, state, micro_batches, case.seed, i) if exits else None
-        r = reference.train(spec, ts, state, [micro_batches], None if draws is None else [draws])
-        state = r.state
-        out.losses += r.losses
-        out.grad_norms += r.grad_norms
-        out.lrs += r.lrs
+        # in place: `state` is this run's own (reference.train would copy it, 3 GB a step on gpt2 shapes)
+        loss, norm, lr = train_step(spec, ts, state, micro_batches, draws)
+        out.losses.append(loss)
+        out.grad_norms.append(norm)
+        out.lrs.append(lr)
         if exits:
             out.draws.append(draws)
         if i == 0:
@@ -296,12 +296,6 @@ def trajectory_conditioning(case: TrajectoryCase, ref: ReferenceTrajectory, samp
     return conditioning.estimate(compute, samples, seed=[case.seed, 20])
 
 
-def _compact(state: TrainState) -> TrainState:
-    """A backend's state held as float32 (its own precision, exactly): half the memory of float64."""
-    return TrainState(int(state.step), *({n: np.asarray(a, np.float32) for n, a in getattr(state, g).items()}
-                                         for g in ("params", "m", "v")))
-
-
 def backend_trajectory(backend: Backend, case: TrajectoryCase, ref: ReferenceTrajectory, device: str) -> Trajectory:
     """The backend's run of the case: built in float32 from the starting weights, trained in segments
     that end at the case's checkpoints, each resumed from the previous one's optimizer state."""
@@ -310,12 +304,13 @@ def backend_trajectory(backend: Backend, case: TrajectoryCase, ref: ReferenceTra
     out, state, done = Trajectory(), None, 0
     for k in case.checkpoints:
         draws = None if ref.draws is None else ref.draws[done:k]
-        r = backend.train(model, ref.train_spec, ref.batches[done:k], draws, state=state)
+        # float32: the backend's own precision, exactly, in half the memory of float64
+        r = backend.train(model, ref.train_spec, ref.batches[done:k], draws, state=state, state_dtype="float32")
         out.losses += list(r.losses)
         out.grad_norms += list(r.grad_norms)
         out.lrs += list(r.lrs)
         state = r.state
-        out.states[k] = _compact(state)
+        out.states[k] = state
         done = k
     out.seconds = time.perf_counter() - start
     return out

@@ -14,7 +14,11 @@ through take_or_compute), so the checks are exactly those of an in-process run.
   beside the other frameworks' imports. Spawned, not forked: a fork would copy the main process's
   framework state (MLX, torch threads) into the child.
 - Memory stays bounded: beside the run it computes, the worker holds at most the one its sending
-  thread is handing over and AHEAD more in its queue (a gpt2 run's gradients are ~500 MB).
+  thread is handing over and AHEAD_BYTES (600 MB) of finished runs in its queue, or one run if that
+  one is larger (a gpt2 run's gradients are ~500 MB, a small case's a few KB).
+- While the main process waits for a run, it does its chores (Offload): work it needs later anyway,
+  such as the condition estimates of the cases to come and the offloaded backend's training runs too
+  large for a worker, so that a wait is not idle.
 - A run that raises is that backend's error outcome for its (case, dtype), with the same message
   as in-process. A worker that dies (killed, out of memory) is the error of the run it was on, and
   a fresh worker takes over the rest; a dead worker is noticed by the closed pipe, never waited on.
@@ -30,13 +34,16 @@ few GB), so the default is one.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import multiprocessing
 import os
 import pickle
-import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
+
+import numpy as np
 
 from ..spec import InputError
 
@@ -44,11 +51,12 @@ ENV = "GPTSPEC_CONFORMANCE_WORKERS"
 # The backends whose work is single-threaded on a CPU, so that running them beside the rest gains.
 SINGLE_CORE = ("tinygrad",)
 POLL_S = 1.0  # how often a wait for the worker checks that it still lives
-# Finished runs waiting in a worker's queue, beside the one its sending thread is handing over and the one it
-# computes. Sending from the computing thread (send, then wait for the read) left the worker idle whenever the
-# main process was busy: it began each gpt2 run only once the last had been taken. Each finished gpt2 run
-# held is ~0.5 GB of gradients; a queue of 2 gained nothing measurable over 1 at the same peak memory.
-AHEAD = 1
+# The bytes of finished runs waiting in a worker's queue (always at least one run), beside the one its sending
+# thread is handing over and the one it computes. Sending from the computing thread (send, then wait for the
+# read) left the worker idle whenever the main process was busy: it began each gpt2 run only once the last had
+# been taken. Bytes, not runs: a gpt2 run's gradients are ~0.5 GB, a small case's a few KB, and while the main
+# process does its chores (Offload) the worker should go on through the small cases.
+AHEAD_BYTES = 600 << 20
 # Worker processes per offloaded backend. More can finish sooner, but each holds a gpt2 model and runs of
 # its own: one per dtype (3) took the suite's peak memory, all processes, from 6.5 to 12 GB. One by default:
 # on an idle 2-core machine it took `gptspec conformance` from 314 s to 271 s (bench/conformance_phases.py)
@@ -126,7 +134,7 @@ def _portable(e: Exception):
         return _Failure(type(e).__name__, str(e))
 
 
-def _compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
+def compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
     """One planned run, as the main process would compute it: a model run (runner.backend_run), a
     generation run (generation.generation_run) or a training run (trajectory.backend_trajectory), from the
     case's weights and inputs alone, never the float64 reference. `inputs` keeps the current case's."""
@@ -154,16 +162,25 @@ def _compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
 
 class _Outbox:
     """The worker's messages, sent by a thread of their own: while the main process has not yet read a run,
-    the worker computes the next ones, at most AHEAD of them finished and waiting. A send that fails (the
+    the worker computes the next ones, at most AHEAD_BYTES of them finished and waiting. A send that fails (the
     main process is gone) ends the worker at its next put."""
 
     def __init__(self, conn):
-        self.conn, self.queue, self.gone = conn, queue.Queue(maxsize=AHEAD), threading.Event()
+        self.conn, self.gone = conn, threading.Event()
+        self.queue: collections.deque = collections.deque()  # (message, bytes)
+        self.queued_bytes, self.changed = 0, threading.Condition()
         self.thread = threading.Thread(target=self._send_all, daemon=True, name="gptspec-outbox")
         self.thread.start()
 
     def _send_all(self) -> None:
-        while (message := self.queue.get()) is not None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.queue)
+                message, size = self.queue.popleft()
+                self.queued_bytes -= size
+                self.changed.notify_all()
+            if message is None:
+                return
             try:
                 self.conn.send(message)  # returns once the main process has read it (large runs)
             except (BrokenPipeError, EOFError, OSError):
@@ -172,13 +189,15 @@ class _Outbox:
             del message
 
     def put(self, message) -> None:
-        while not self.gone.is_set():
-            try:
-                self.queue.put(message, timeout=POLL_S)
-                return
-            except queue.Full:
-                continue
-        raise BrokenPipeError("the main process is gone")
+        size = array_bytes(message)
+        with self.changed:
+            while self.gone.is_set() or (self.queue and self.queued_bytes + size > AHEAD_BYTES):
+                if self.gone.is_set():
+                    raise BrokenPipeError("the main process is gone")
+                self.changed.wait(POLL_S)
+            self.queue.append((message, size))
+            self.queued_bytes += size
+            self.changed.notify_all()
 
     def close(self) -> None:
         """Every message sent (or the main process gone)."""
@@ -186,8 +205,22 @@ class _Outbox:
         self.thread.join()
 
 
+def array_bytes(obj) -> int:
+    """The bytes of the numpy arrays in a message (a Run, a generation or training run: dataclasses, dicts,
+    lists and tuples of them), which is what a finished run holds."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return sum(array_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(array_bytes(v) for v in obj)
+    return 0
+
+
 def _serve(backend_name: str, plan: list[tuple], conn) -> None:
-    """The worker: each (case, dtype, device, kind) of `plan` computed in order (_compute), each sent as
+    """The worker: each (case, dtype, device, kind) of `plan` computed in order (compute), each sent as
     (key, run, None) or (key, None, exception)."""
     try:
         from ..backends import get
@@ -198,10 +231,10 @@ def _serve(backend_name: str, plan: list[tuple], conn) -> None:
         for item in plan:
             key = (backend_name, *item)
             try:
-                message = (key, _compute(backend, *item, inputs), None)
+                message = (key, compute(backend, *item, inputs), None)
             except Exception as e:  # noqa: BLE001 -- reported as the run's outcome, as in-process
                 message = (key, None, _portable(e))
-            outbox.put(message)  # waits while AHEAD finished runs are unread
+            outbox.put(message)  # waits while AHEAD_BYTES of finished runs are unread
             del message
         outbox.close()
     except (KeyboardInterrupt, BrokenPipeError, EOFError):
@@ -221,6 +254,10 @@ class _Worker:
                                        name=f"gptspec-{backend_name}")
         self.process.start()
         send.close()  # the child holds the only write end: its death reads as end of file here
+
+    def ready(self) -> bool:
+        """Whether a message (or the end of the pipe) can be read without waiting."""
+        return self._recv.poll(0)
 
     def receive(self):
         """The next (key, run, error) message, or None once the worker is dead."""
@@ -247,11 +284,20 @@ class _Worker:
 class Offload:
     """The worker runs of one suite: `take(key)` gives a planned run's Run (or raises its error);
     a worker that dies is that run's error and a new one continues with the rest of its plan.
-    `plans`: (backend name, [(case, dtype, device, kind), ...]), one per worker process."""
+    `plans`: (backend name, [(case, dtype, device, kind), ...]), one per worker process.
+    `chores`: (key, callable) pairs of work the main process will need later and can do at any time;
+    `take` does them, in order, while the run it waits for is not yet done, so that the wait is not idle.
+    With a key, a chore computes that run here (the one `take(key)` then returns, or raises what the
+    chore raised); a chore not yet done when its run is asked for is dropped (take_or_compute computes
+    it then). A chore without a key fills a cache of its own; what it raises is ignored (the later use
+    raises it again)."""
 
-    def __init__(self, plans: Iterable[tuple[str, list[tuple]]]):
+    def __init__(self, plans: Iterable[tuple[str, list[tuple]]],
+                 chores: Iterable[tuple[tuple | None, Callable[[], object]]] = ()):
         self._workers: list[_Worker | None] = []
         self._worker_of: dict[tuple, int] = {}
+        self._chores = collections.deque(chores)
+        self._kept: dict[tuple, tuple] = {}  # key -> (run, exception) of the chores done
         try:
             for name, plan in plans:
                 if plan:
@@ -263,14 +309,26 @@ class Offload:
             raise
 
     def serves(self, key: tuple) -> bool:
-        return key in self._worker_of
+        return key in self._worker_of or key in self._kept
+
+    def forget(self, key: tuple) -> None:
+        """`key`'s chore, if not yet done: its run is being computed now, where it is needed."""
+        self._chores = collections.deque(c for c in self._chores if c[0] != key)
 
     def take(self, key: tuple):
-        """The worker's Run of `key`, waiting for it; its exception raised. Runs the suite skipped on
-        the way (a case that raised before reaching this backend) are dropped."""
+        """The worker's Run of `key` (or the one a chore computed), waiting for it; its exception raised.
+        Runs the suite skipped on the way (a case that raised before reaching this backend) are dropped."""
+        if key in self._kept:
+            run, error = self._kept.pop(key)
+            if error is not None:
+                raise error
+            return run
         i = self._worker_of.pop(key)
         while True:
             worker = self._workers[i]
+            if self._chores and not worker.ready():
+                self._chore()
+                continue
             message = worker.receive()
             if message is None:
                 return self._died(i, key)
@@ -281,6 +339,15 @@ class Offload:
                 return run
             if got not in worker.keys or worker.keys.index(got) > worker.keys.index(key):
                 raise WorkerError(f"the {key[0]} worker sent the run of {got} while {key} was expected")
+
+    def _chore(self) -> None:
+        key, chore = self._chores.popleft()
+        try:
+            done = (chore(), None)
+        except Exception as e:  # noqa: BLE001 -- a keyed run's error is its outcome, as in-process
+            done = (None, e)
+        if key is not None:
+            self._kept[key] = done
 
     def _died(self, i: int, key: tuple):
         worker = self._workers[i]
@@ -298,6 +365,8 @@ class Offload:
                 worker.close()
         self._workers.clear()
         self._worker_of.clear()
+        self._chores.clear()
+        self._kept.clear()
 
     def __enter__(self) -> "Offload":
         return self
@@ -313,6 +382,8 @@ current: Offload | None = None
 def take_or_compute(key: tuple, compute):
     """The run of `key` (backend, case, dtype, device, kind) from the suite's worker where it computes it,
     else `compute()` here."""
-    if current is not None and current.serves(key):
-        return current.take(key)
+    if current is not None:
+        if current.serves(key):
+            return current.take(key)
+        current.forget(key)
     return compute()

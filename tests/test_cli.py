@@ -150,8 +150,8 @@ def test_a_wrong_training_step_fails_the_command(monkeypatch, capsys, no_real_we
     class NoDecay(TorchBackend):
         name = "torch"
 
-        def train(self, model, train_spec, batches, draws=None, state=None):
-            return super().train(model, train_spec.replace(weight_decay=0.0), batches, draws, state=state)
+        def train(self, model, train_spec, batches, draws=None, state=None, **options):
+            return super().train(model, train_spec.replace(weight_decay=0.0), batches, draws, state=state, **options)
 
     from gptspec.conformance import trajectory
 

@@ -193,3 +193,61 @@ def test_training_runs_that_need_the_reference_stay_in_the_main_process():
     assert plan == [(TINY, "float32", dev, "model"), (TINY, "float32", dev, "generation"),
                     (tiny, "float32", dev, "trajectory")]  # float16: not one of test-tiny's training precisions
     assert gpt2.spec.n_params > runner.WORKER_TRAINING_PARAMS
+    # the gpt2-sized one is the main process's, done ahead while it waits for the worker
+    training = [(exits, "float32"), (tiny, "float32"), (gpt2, "float32")]
+    assert runner._training_plan(tg, training, None, ahead=True) == [(gpt2, "float32", dev, "trajectory")]
+
+
+def test_the_main_process_does_its_chores_while_it_waits():
+    """Offload's chores run, in order, while the run asked for is not done: a keyed one's run (or error) is
+    what take gives for its key; one asked for before it was done is dropped; an unkeyed one's error is ignored."""
+    done = []
+
+    def fails():
+        raise ValueError("the chore failed")
+
+    kept, failing, late = ("tinygrad", "kept"), ("tinygrad", "failing"), ("tinygrad", "late")
+    chores = [(None, lambda: done.append("first")), (None, fails), (kept, lambda: "the kept run"),
+              (failing, fails), (late, lambda: done.append("late"))]
+    key = ("tinygrad", TINY, "float32", backends.get("tinygrad").devices()[0], "model")
+    with deadline(300), workers.Offload([(key[0], [key[1:]])], chores) as offload:
+        offload.forget(late)  # asked for before its chore was done: computed there, never here
+        run = offload.take(key)  # the worker spawns, imports tinygrad and compiles: seconds, every chore done
+        assert done == ["first"] and run.grads
+        assert offload.serves(kept) and offload.take(kept) == "the kept run" and not offload.serves(kept)
+        with pytest.raises(ValueError, match="the chore failed"):
+            offload.take(failing)
+    assert our_workers() == []
+
+
+def test_the_worker_queues_small_runs_and_waits_behind_a_large_one(monkeypatch):
+    """The worker's outbox holds finished runs up to AHEAD_BYTES of arrays (always one), so the worker goes on
+    through small cases while the main process is busy, and never holds two gpt2-sized runs."""
+    import threading
+
+    monkeypatch.setattr(workers, "AHEAD_BYTES", 1000)
+
+    class Conn:  # a main process that reads nothing until released
+        def __init__(self):
+            self.sent, self.release = [], threading.Event()
+
+        def send(self, message):
+            self.release.wait()
+            self.sent.append(message)
+
+    conn = Conn()
+    box = workers._Outbox(conn)
+    small = [(("k", i), {"grads": {"w": np.zeros(10)}}, None) for i in range(6)]  # 80 bytes each
+    with deadline(10):
+        for message in small:
+            box.put(message)  # one handed over, five queued: 400 bytes, no wait
+    large = (("k", "large"), {"grads": {"w": np.zeros(200)}}, None)  # 1600 bytes: waits for an empty queue
+    assert workers.array_bytes(large) == 1600 and workers.array_bytes(small[0]) == 80
+    putting = threading.Thread(target=box.put, args=(large,))
+    putting.start()
+    putting.join(0.5)
+    assert putting.is_alive()  # held back behind the queued runs
+    conn.release.set()
+    putting.join(10)
+    box.close()
+    assert [m[0] for m in conn.sent] == [m[0] for m in small] + [("k", "large")]

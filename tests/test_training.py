@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import master_weights, train_batches, variant_spec
 
-from gptspec.spec import BackendError, ModelSpec, SpecError, TrainingDiverged, TrainSpec, param_table
+from gptspec.spec import BackendError, InputError, ModelSpec, SpecError, TrainingDiverged, TrainSpec, param_table
 from gptspec.spec.errors import WeightsError
 from gptspec.spec.reference import TrainState
 from gptspec.spec.reference import train as reference_train
@@ -224,6 +224,31 @@ def test_two_identical_runs_are_bitwise_identical(backend, variant):
 def test_resume_from_the_optimizer_state_is_bitwise(backend, variant):
     spec = variant_spec(variant, TINY)
     check_resume_is_bitwise(backend, spec, recipe(spec))
+
+
+def test_a_float32_state_holds_the_float64_states_values_and_resumes_alike(backend):
+    """optimizer_state(..., "float32") (what the trajectory checks keep): the same numbers in half the memory."""
+    batches, _ = train_batches(TINY, RECIPE, 3, seed=5)
+    model = backend.build(TINY, master_weights(TINY))
+    optimizer = backend.optimizer(model, RECIPE)
+    fresh = backend.optimizer_state(model, optimizer, "float32")  # step 0: zero moments, in the dtype asked
+    assert {a.dtype for g in ("params", "m", "v") for a in getattr(fresh, g).values()} == {np.dtype(np.float32)}
+    for it in range(2):
+        backend.train_step(model, optimizer, RECIPE, it, batches[it])
+    wide, narrow = (backend.optimizer_state(model, optimizer, d) for d in ("float64", "float32"))
+    for state, dtype in ((wide, np.float64), (narrow, np.float32)):
+        assert {a.dtype for g in ("params", "m", "v") for a in getattr(state, g).values()} == {np.dtype(dtype)}
+    backend.train_step(model, optimizer, RECIPE, 2, batches[2])  # the exported state must not move with the model
+    assert_same_state(wide, narrow)  # values, compared across the two dtypes
+    resumed = []
+    for state in (wide, narrow):
+        again = backend.build(TINY, {n: a.astype(np.float32) for n, a in state.params.items()})
+        opt = backend.optimizer(again, RECIPE, state)
+        resumed.append((backend.train_step(again, opt, RECIPE, 2, batches[2]), backend.optimizer_state(again, opt)))
+    assert resumed[0][0] == resumed[1][0]
+    assert_same_state(resumed[0][1], resumed[1][1])
+    with pytest.raises(InputError, match="float64 or float32, not 'float16'"):
+        backend.optimizer_state(model, optimizer, "float16")
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

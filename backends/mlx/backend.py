@@ -197,11 +197,11 @@ class MLXBackend(Backend):
         _require_ieee_float32(model)
         return StepStats(*train.train_step(model, optimizer, train_spec, it, micro_batches, draws))
 
-    def _optimizer_state(self, model, optimizer) -> TrainState:
+    def _optimizer_state(self, model, optimizer, dtype: np.dtype) -> TrainState:
         slots, step = _moment_slots(model, optimizer), _step_count(optimizer)
         params = dict(tree_flatten(model.parameters()))
         names = [info.name for info in param_table(model.spec)]
-        return TrainState(step, *({n: np.array(group[n], dtype=np.float64) for n in names}
+        return TrainState(step, *({n: np.array(group[n], dtype=dtype) for n in names}
                                   for group in (params, {n: s["m"] for n, s in slots.items()},
                                                 {n: s["v"] for n, s in slots.items()})))
 

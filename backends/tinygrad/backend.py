@@ -334,12 +334,12 @@ class TinygradBackend(Backend):
                               state: TrainState) -> None:
         load_moments(model, optimizer, int(state.step), state.m, state.v)
 
-    def _optimizer_state(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup) -> TrainState:
+    def _optimizer_state(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup,
+                         dtype: np.dtype) -> TrainState:
         moments = optimizer_moments(model, optimizer)
-        wide = {n: a.astype(np.float64) for n, a in self.state(model).items()}
-        return TrainState(int(optimizer.steps_taken), wide,
-                          {n: m.numpy().astype(np.float64) for n, (m, _) in moments.items()},
-                          {n: v.numpy().astype(np.float64) for n, (_, v) in moments.items()})
+        return TrainState(int(optimizer.steps_taken), {n: a.astype(dtype, copy=False) for n, a in self.state(model).items()},
+                          {n: m.numpy().astype(dtype, copy=False) for n, (m, _) in moments.items()},
+                          {n: v.numpy().astype(dtype, copy=False) for n, (_, v) in moments.items()})
 
     @searched
     def _train_step(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup, train_spec, it: int,

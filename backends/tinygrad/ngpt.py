@@ -22,7 +22,7 @@ from ...spec import ModelSpec, canonical_dtype, param_table
 from ...spec.params import init_law, ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import cached_keys_values, causal_attention
-from .model import LanguageModel, embed_tokens, from_host
+from .model import LanguageModel, activated, embed_tokens, from_host
 
 
 def unit_norm(x: Tensor, axis: int = -1) -> Tensor:
@@ -98,8 +98,8 @@ class MLP:
         # 6.7e-3 of the reference with GELU (ngpt-seed), 1.7e-2 -> 6.7e-3 with SwiGLU (ngpt).
         if self.swiglu:
             u, g = uv.chunk(2, dim=-1)
-            return self.c_proj(u * g.float().silu().cast(g.dtype))
-        return self.c_proj(uv.float().gelu().cast(uv.dtype))  # tinygrad's gelu is the tanh form
+            return self.c_proj(activated(u * g.float().silu().cast(g.dtype)))
+        return self.c_proj(activated(uv.float().gelu().cast(uv.dtype)))  # tinygrad's gelu is the tanh form
 
 
 class Block:

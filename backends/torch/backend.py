@@ -234,7 +234,7 @@ class TorchBackend(Backend):
         draws_t = None if draws is None else [self._tensor(model, u) for u in draws]
         return StepStats(*train_step(model, optimizer, train_spec, it, batches, draws_t))
 
-    def _optimizer_state(self, model, optimizer) -> TrainState:
+    def _optimizer_state(self, model, optimizer, dtype: np.dtype) -> TrainState:
         # FSDP (SPEC.md 25.7): sharded tensors are gathered one at a time, every rank taking part in canonical
         # order; rank 0 alone keeps them (it writes the checkpoint), the others get the step alone
         from .train import full_tensor, is_fully_sharded, is_sharded, reshard
@@ -244,12 +244,14 @@ class TorchBackend(Backend):
         sharded = any(is_sharded(p) for p in model.parameters())
         keep = not sharded or torch.distributed.get_rank() == 0
 
-        def f64(t):
+        wide = getattr(torch, dtype.name)
+
+        def exported(t):
             whole = full_tensor(t.detach())
-            return whole.to(torch.float64).cpu().numpy() if keep else None
+            return whole.to(wide, copy=True).cpu().numpy() if keep else None  # a copy: training goes on in place
 
         def zeros(p):
-            return np.zeros(tuple(p.shape)) if keep else None
+            return np.zeros(tuple(p.shape), dtype) if keep else None
 
         step, params, m, v = 0, {}, {}, {}
         by_name = dict(model.named_parameters())
@@ -258,9 +260,9 @@ class TorchBackend(Backend):
             state = optimizer.state.get(p)  # empty until the first update: step 0, zero moments
             if state:
                 step = int(state["step"].item())
-            params[name] = f64(p)
-            m[name] = f64(state["exp_avg"]) if state else zeros(p)
-            v[name] = f64(state["exp_avg_sq"]) if state else zeros(p)
+            params[name] = exported(p)
+            m[name] = exported(state["exp_avg"]) if state else zeros(p)
+            v[name] = exported(state["exp_avg_sq"]) if state else zeros(p)
         return TrainState(step, params, m, v) if keep else TrainState(step, {}, {}, {})
 
     def _load_optimizer_state(self, model, optimizer, state: TrainState) -> None:
