@@ -363,7 +363,8 @@ def run(
               if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
     chores += [((b.name, *item), partial(workers.compute, b, *item, {}))
                for b in offloaded for item in _training_plan(b, training, device, ahead=True)]
-    offload = workers.Offload(plans, chores)
+    # only while it holds a small case: waiting for a gpt2 run, it holds that case's reference and runs too
+    offload = workers.Offload(plans, chores, lambda key: key[1].spec.n_params <= WORKER_TRAINING_PARAMS)
     workers.current = offload
     try:
         for case in cases:

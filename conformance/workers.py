@@ -290,13 +290,15 @@ class Offload:
     With a key, a chore computes that run here (the one `take(key)` then returns, or raises what the
     chore raised); a chore not yet done when its run is asked for is dropped (take_or_compute computes
     it then). A chore without a key fills a cache of its own; what it raises is ignored (the later use
-    raises it again)."""
+    raises it again). `chores_while(key)`: whether chores may run while waiting for `key`'s run (the
+    runner allows them only while the main process holds a small case)."""
 
     def __init__(self, plans: Iterable[tuple[str, list[tuple]]],
-                 chores: Iterable[tuple[tuple | None, Callable[[], object]]] = ()):
+                 chores: Iterable[tuple[tuple | None, Callable[[], object]]] = (),
+                 chores_while: Callable[[tuple], bool] = lambda key: True):
         self._workers: list[_Worker | None] = []
         self._worker_of: dict[tuple, int] = {}
-        self._chores = collections.deque(chores)
+        self._chores, self._chores_while = collections.deque(chores), chores_while
         self._kept: dict[tuple, tuple] = {}  # key -> (run, exception) of the chores done
         try:
             for name, plan in plans:
@@ -324,9 +326,10 @@ class Offload:
                 raise error
             return run
         i = self._worker_of.pop(key)
+        busy = self._chores_while(key)
         while True:
             worker = self._workers[i]
-            if self._chores and not worker.ready():
+            if busy and self._chores and not worker.ready():
                 self._chore()
                 continue
             message = worker.receive()

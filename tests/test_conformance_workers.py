@@ -217,6 +217,11 @@ def test_the_main_process_does_its_chores_while_it_waits():
         assert offload.serves(kept) and offload.take(kept) == "the kept run" and not offload.serves(kept)
         with pytest.raises(ValueError, match="the chore failed"):
             offload.take(failing)
+    # waiting for a run whose case is not small, the main process holds that case too: no chores then
+    with deadline(300), workers.Offload([(key[0], [key[1:]])], [(None, lambda: done.append("no"))],
+                                        lambda key: False) as offload:
+        offload.take(key)
+    assert done == ["first"]
     assert our_workers() == []
 
 
