@@ -326,10 +326,10 @@ class Offload:
                 raise error
             return run
         i = self._worker_of.pop(key)
-        busy = self._chores_while(key)
+        chores_now = self._chores_while(key)
         while True:
             worker = self._workers[i]
-            if busy and self._chores and not worker.ready():
+            if chores_now and self._chores and not worker.ready():
                 self._chore()
                 continue
             message = worker.receive()
@@ -382,11 +382,11 @@ class Offload:
 current: Offload | None = None
 
 
-def take_or_compute(key: tuple, compute):
-    """The run of `key` (backend, case, dtype, device, kind) from the suite's worker where it computes it,
-    else `compute()` here."""
+def take_or_compute(key: tuple, compute_here):
+    """The run of `key` (backend, case, dtype, device, kind) from the suite's worker where it computes it
+    (or from a chore done while waiting), else `compute_here()`."""
     if current is not None:
         if current.serves(key):
             return current.take(key)
         current.forget(key)
-    return compute()
+    return compute_here()

@@ -337,7 +337,8 @@ class TinygradBackend(Backend):
     def _optimizer_state(self, model: LanguageModel, optimizer: nn.optim.OptimizerGroup,
                          dtype: np.dtype) -> TrainState:
         moments = optimizer_moments(model, optimizer)
-        return TrainState(int(optimizer.steps_taken), {n: a.astype(dtype, copy=False) for n, a in self.state(model).items()},
+        return TrainState(int(optimizer.steps_taken),
+                          {n: a.astype(dtype, copy=False) for n, a in self.state(model).items()},
                           {n: m.numpy().astype(dtype, copy=False) for n, (m, _) in moments.items()},
                           {n: v.numpy().astype(dtype, copy=False) for n, (_, v) in moments.items()})
 
