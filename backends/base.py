@@ -13,6 +13,7 @@ their float32 accuracy), ngpt.py (nGPT).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -93,6 +94,12 @@ class Backend(ABC):
     @abstractmethod
     def dtypes(self, device: str) -> tuple[str, ...]:
         """The spec dtypes this backend runs on `device`."""
+
+    def one_core(self) -> contextlib.AbstractContextManager:
+        """A context in which the backend's work keeps to one CPU core where the backend itself would spread it
+        (a parallel compile): the conformance suite computes a worker's runs so in the main process, beside the
+        worker on the other core. By default, nothing changes."""
+        return contextlib.nullcontext()
 
     # -- building --------------------------------------------------------------------------------
     def build(self, spec: ModelSpec, params: Mapping[str, np.ndarray], dtype: str = "float32",

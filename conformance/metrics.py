@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..spec.tolerance import METRICS, bound, conditioned_bound, effective_kappa, is_conditioned
+from ..spec.tolerance import METRICS, bound, conditioned_bound, effective_kappa, errors, is_conditioned
 
 
 @dataclass(frozen=True)
@@ -45,38 +45,6 @@ def ratio(error: float, bound: float) -> float:
     # a bound of 0 (a tensor the reference computes without rounding, kappa 0) admits only no error
     return error / bound if bound else (0.0 if error == 0 else math.inf)
 
-
-#: elements per block of `errors`: its float64 temporaries stay in cache, where whole-tensor ones (a gpt2
-#: gradient is 124M elements, 1 GB in float64) were fresh pages on every call: ~20x faster on gpt2
-_BLOCK = 1 << 16
-
-
-def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
-    """(rel_l2, rel_max, max_abs) of x against ref, in float64. A zero reference needs a zero x.
-    A NaN or Inf on either side makes rel_l2 NaN or Inf. Sums of squares are accumulated block by block,
-    so rel_l2 may differ from a whole-array dot product's in its last digits (at most 2.2e-12 relative
-    over the main job's checks); the maxima are exact."""
-    x, ref = np.asarray(x), np.asarray(ref)
-    # blocks of rows in the arrays' own layout (a transposed gradient is not copied to flatten it); sums by
-    # einsum, not BLAS: a BLAS dot per block woke its threads every time, ~40x slower beside another process
-    rows = (x.shape[0], -1) if x.ndim and x.size else (1, x.size)
-    x, ref = x.reshape(rows), ref.reshape(rows)
-    step = max(1, _BLOCK // max(1, x.shape[1]))
-    sq_diff = sq_ref = 0.0
-    diff_max, ref_max = [0.0], [0.0]
-    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: the NaN is the answer, not a warning
-        for i in range(0, x.shape[0], step):
-            r = ref[i:i + step]
-            d = np.subtract(x[i:i + step], r, dtype=np.float64)
-            sq_diff += float(np.einsum("ij,ij->", d, d))
-            sq_ref += float(np.einsum("ij,ij->", r, r, dtype=np.float64))
-            diff_max.append(float(np.abs(d, out=d).max(initial=0.0)))
-            ref_max.append(max(float(r.max(initial=0.0)), -float(r.min(initial=0.0))))
-    max_abs, ref_peak = float(np.max(diff_max)), float(np.max(ref_max))  # np.max keeps a NaN; max() would drop it
-    ref_l2 = math.sqrt(sq_ref)
-    rel_l2 = math.sqrt(sq_diff) / ref_l2 if ref_l2 else (0.0 if max_abs == 0 else math.inf)
-    rel_max = max_abs / ref_peak if ref_peak else (0.0 if max_abs == 0 else math.inf)
-    return rel_l2, rel_max, max_abs
 
 
 def compare(

@@ -347,24 +347,36 @@ def run(
     workers.DEFAULT_WORKERS; 0: none, everything in this process)."""
     from ..spec import DTYPES
     from .generation import run_generation
-    from .trajectory import run_trajectory
+    from .trajectory import reference_trajectory, run_trajectory
 
     resolved = [get(b) if isinstance(b, str) else b for b in backends]
     cases, dtypes, generating, training = list(cases), list(dtypes or DTYPES), set(generation), list(training)
     outcomes = []
     count = workers.worker_count(worker_processes)
     offloaded = workers.offloaded(resolved, count)
-    plans = [(b.name, plan) for b in offloaded
-             for plan in workers.split(_plan(b, cases, dtypes, device, generating, training), count)]
     # While the main process waits for a worker (whose first runs compile every kernel), it does work it
-    # needs later anyway: the condition estimates of the cases to come, then the offloaded backends'
-    # training runs too large for a worker (_plan), each kept until the suite reaches it.
-    chores = [(None, partial(conditioning, case)) for case in cases[:conditioning.cache_info().maxsize]
+    # needs later anyway (chores), each kept until the suite reaches it: the condition estimates of the cases
+    # to come, then the offloaded backends' training runs too large for a worker (_plan). Waiting for a large
+    # case's run, it holds that case's reference and runs: then only the chores marked to run beside them (the
+    # third field). In a suite with a large case, the worker is the longer process (gpt2's model runs are its
+    # own), so its small training runs become such chores, as does the reference's large training run, which
+    # would otherwise come after the worker's last run (its ~6 GB peak fits beside: docs/tinygrad.md 4).
+    plans, beside = [], []
+    for b in offloaded:
+        model_runs, small_training = _plan(b, cases, dtypes, device, generating), _training_plan(b, training, device)
+        if any(_large(item[0]) for item in model_runs):
+            beside += [((b.name, *item), partial(workers.compute, b, *item, {}), True) for item in small_training]
+            small_training = []
+        plans += [(b.name, plan) for plan in workers.split(model_runs + small_training, count)]
+    if any(_large(item[0]) for _, plan in plans for item in plan):
+        beside += [(("reference", case, precision), partial(reference_trajectory, case, precision), True)
+                   for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS]
+    chores = [(None, partial(conditioning, case), not _large(case)) for case in cases[:conditioning.cache_info().maxsize]
               if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
     chores += [((b.name, *item), partial(workers.compute, b, *item, {}))
                for b in offloaded for item in _training_plan(b, training, device, ahead=True)]
-    # only while it holds a small case: waiting for a gpt2 run, it holds that case's reference and runs too
-    offload = workers.Offload(plans, chores, lambda key: key[1].spec.n_params <= WORKER_TRAINING_PARAMS)
+    chores += beside
+    offload = workers.Offload(plans, chores, lambda key: not _large(key[1]))
     workers.current = offload
     try:
         for case in cases:
@@ -401,6 +413,11 @@ def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | 
                 if case in generating:
                     plan.append((case, dtype, dev, "generation"))
     return plan + _training_plan(backend, training, device)
+
+
+def _large(case) -> bool:
+    """Whether a case (a model or training case) is beyond what a worker trains (WORKER_TRAINING_PARAMS)."""
+    return case.spec.n_params > WORKER_TRAINING_PARAMS
 
 
 def _training_plan(backend: Backend, training: Iterable[tuple], device: str | None, ahead: bool = False) -> list:

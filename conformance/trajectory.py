@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import combinations
 from typing import Callable, Iterable, Sequence
 
@@ -355,7 +355,9 @@ def _check(x, ref, *, precision: str, steps: int, quantity: str, pairwise: bool,
 def _change(state: TrainState | None, initial: dict, name: str, keep: np.ndarray | None):
     if state is None or name not in state.params:
         return None
-    dw = np.asarray(state.params[name], np.float64) - np.asarray(initial[name], np.float64)
+    # plain arrays (a perturbed run's are Noisy: the checks compute the change exactly, not the implementation),
+    # widened on the fly (no float64 copies of the operands)
+    dw = np.subtract(np.asarray(state.params[name]), np.asarray(initial[name]), dtype=np.float64)
     return dw if keep is None else dw[keep]
 
 
@@ -415,7 +417,8 @@ def run_trajectory(backends: Sequence[Backend | str], case: TrajectoryCase, prec
         return outcomes
     spec = case.spec
     runnable = [b for b in resolved if not b.unsupported(spec)]
-    ref = reference_trajectory(case, precision) if runnable else None
+    ref = workers.take_or_compute(("reference", case, precision), partial(reference_trajectory, case, precision)) \
+        if runnable else None
     runs: dict[str, Trajectory] = {}
     devices: dict[str, str] = {}
     for backend in resolved:

@@ -17,8 +17,9 @@ through take_or_compute), so the checks are exactly those of an in-process run.
   thread is handing over and AHEAD_BYTES (600 MB) of finished runs in its queue, or one run if that
   one is larger (a gpt2 run's gradients are ~500 MB, a small case's a few KB).
 - While the main process waits for a run, it does its chores (Offload): work it needs later anyway,
-  such as the condition estimates of the cases to come and the offloaded backend's training runs too
-  large for a worker, so that a wait is not idle.
+  such as the condition estimates of the cases to come, the offloaded backend's training runs too
+  large for a worker, and, in a suite with a large case, the worker's small training runs and the
+  reference's large one (runner.run), so that a wait is not idle and the worker finishes sooner.
 - A run that raises is that backend's error outcome for its (case, dtype), with the same message
   as in-process. A worker that dies (killed, out of memory) is the error of the run it was on, and
   a fresh worker takes over the rest; a dead worker is noticed by the closed pipe, never waited on.
@@ -137,7 +138,14 @@ def _portable(e: Exception):
 def compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
     """One planned run, as the main process would compute it: a model run (runner.backend_run), a
     generation run (generation.generation_run) or a training run (trajectory.backend_trajectory), from the
-    case's weights and inputs alone, never the float64 reference. `inputs` keeps the current case's."""
+    case's weights and inputs alone, never the float64 reference. `inputs` keeps the current case's.
+    On one core (Backend.one_core): a worker's runs, in the worker or as a chore of the main process, run
+    beside another process (a chore's parallel compile took the core of the worker it was waiting for)."""
+    with backend.one_core():
+        return _compute(backend, case, dtype, device, kind, inputs)
+
+
+def _compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
     from .crossmachine import inputs_of, trajectory_inputs
 
     if inputs.get("case") != case:
@@ -285,13 +293,13 @@ class Offload:
     """The worker runs of one suite: `take(key)` gives a planned run's Run (or raises its error);
     a worker that dies is that run's error and a new one continues with the rest of its plan.
     `plans`: (backend name, [(case, dtype, device, kind), ...]), one per worker process.
-    `chores`: (key, callable) pairs of work the main process will need later and can do at any time;
-    `take` does them, in order, while the run it waits for is not yet done, so that the wait is not idle.
-    With a key, a chore computes that run here (the one `take(key)` then returns, or raises what the
-    chore raised); a chore not yet done when its run is asked for is dropped (take_or_compute computes
-    it then). A chore without a key fills a cache of its own; what it raises is ignored (the later use
-    raises it again). `chores_while(key)`: whether chores may run while waiting for `key`'s run (the
-    runner allows them only while the main process holds a small case)."""
+    `chores`: (key, callable) or (key, callable, beside) tuples of work the main process will need later and
+    can do at any time; `take` does them, in order, while the run it waits for is not yet done, so that the
+    wait is not idle. With a key, a chore computes that run here (the one `take(key)` then returns, or raises
+    what the chore raised); a chore not yet done when its run is asked for is dropped (take_or_compute
+    computes it then). A chore without a key fills a cache of its own; what it raises is ignored (the later
+    use raises it again). `chores_while(key)`: whether every chore may run while waiting for `key`'s run;
+    where not (the runner: while the main process holds a large case), only those marked `beside` do."""
 
     def __init__(self, plans: Iterable[tuple[str, list[tuple]]],
                  chores: Iterable[tuple[tuple | None, Callable[[], object]]] = (),
@@ -326,11 +334,12 @@ class Offload:
                 raise error
             return run
         i = self._worker_of.pop(key)
-        chores_now = self._chores_while(key)
+        every = self._chores_while(key)
         while True:
             worker = self._workers[i]
-            if chores_now and self._chores and not worker.ready():
-                self._chore()
+            chore = next((c for c in self._chores if every or _beside(c)), None)
+            if chore is not None and not worker.ready():
+                self._chore(chore)
                 continue
             message = worker.receive()
             if message is None:
@@ -343,10 +352,11 @@ class Offload:
             if got not in worker.keys or worker.keys.index(got) > worker.keys.index(key):
                 raise WorkerError(f"the {key[0]} worker sent the run of {got} while {key} was expected")
 
-    def _chore(self) -> None:
-        key, chore = self._chores.popleft()
+    def _chore(self, chore: tuple) -> None:
+        self._chores.remove(chore)
+        key, work = chore[:2]
         try:
-            done = (chore(), None)
+            done = (work(), None)
         except Exception as e:  # noqa: BLE001 -- a keyed run's error is its outcome, as in-process
             done = (None, e)
         if key is not None:
@@ -376,6 +386,11 @@ class Offload:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _beside(chore: tuple) -> bool:
+    """Whether a chore may run while the main process holds a large case (its third field)."""
+    return len(chore) > 2 and bool(chore[2])
 
 
 # The suite's offload while `run` is under way (runner.cached_run takes from it); None otherwise.

@@ -94,3 +94,25 @@ def test_a_check_bound_is_c_times_u_times_kappa():
         assert c.bound_l2 == conditioned_bound("bfloat16", c.quantity, "rel_l2", c.kappa_l2)
     assert len({c.bound_l2 for c in out.checks if c.quantity == "grads"}) > 1  # one bound per tensor
     runner.release()
+
+
+def test_the_absolute_perturbation_adds_up_to_eta_where_a_result_is_not_zero():
+    # gradual underflow's error (SPEC.md 9): absolute, uniform in [-eta, eta], and none on an exact 0 (a 0 stores exactly)
+    rng = np.random.default_rng(3)
+    x = np.zeros(40000)
+    x[::2] = rng.uniform(-1e-5, 1e-5, 20000)
+    eta = conditioning.ETA
+    with conditioning.perturbed(0, eta, absolute=True):
+        noisy = conditioning.noisy({"x": x})["x"]
+        fresh = (noisy * 1.0).view(np.ndarray)      # a new result
+        in_place = noisy.copy()
+        np.multiply(in_place, 1.0, out=in_place)    # a result written into its operand
+        total = float(np.sum(noisy))                # a scalar
+        zero = float(np.sum(noisy[1::2]))           # a scalar that is exactly 0
+    for y in (fresh, in_place.view(np.ndarray)):
+        assert (y[1::2] == 0).all() and np.signbit(y[1::2]).sum() == 0
+        err = y[::2] - x[::2]
+        assert np.abs(err).max() <= eta
+        assert np.sqrt(np.mean(err ** 2)) == pytest.approx(eta / np.sqrt(3), rel=0.05)
+    assert abs(total - x.sum()) <= eta  # one error, the sum's own (each term's would add up to ~80 eta)
+    assert zero == 0

@@ -217,12 +217,60 @@ def test_the_main_process_does_its_chores_while_it_waits():
         assert offload.serves(kept) and offload.take(kept) == "the kept run" and not offload.serves(kept)
         with pytest.raises(ValueError, match="the chore failed"):
             offload.take(failing)
-    # waiting for a run whose case is not small, the main process holds that case too: no chores then
-    with deadline(300), workers.Offload([(key[0], [key[1:]])], [(None, lambda: done.append("no"))],
+    # waiting for a run whose case is not small, the main process holds that case too: only small chores then
+    with deadline(300), workers.Offload([(key[0], [key[1:]])], [(None, lambda: done.append("no")),
+                                                               (None, lambda: done.append("small"), True)],
                                         lambda key: False) as offload:
         offload.take(key)
-    assert done == ["first"]
+    assert done == ["first", "small"]
     assert our_workers() == []
+
+
+def test_a_suite_with_a_large_case_leaves_the_workers_small_training_runs_to_the_main_process(monkeypatch):
+    """The worker is the longer process when gpt2's runs are its own: its small training runs become chores the
+    main process may do while it waits for the worker's large runs, and the float64 reference's gpt2 training
+    run one that it takes when the suite reaches it. Without a large case, they stay with the worker."""
+    from gptspec.conformance.trajectory import trajectory_cases
+
+    tiny, gpt2 = (next(c for c in trajectory_cases() if c.id.startswith(p)) for p in ("test-tiny/", "gpt2/"))
+    big = Case("gpt2", 0, batch=1, length=64)
+    made = {}
+
+    class Recorded(workers.Offload):
+        def __init__(self, plans, chores, chores_while):
+            made.update(plans=list(plans), chores=list(chores), chores_while=chores_while)
+            raise KeyboardInterrupt  # planned: enough
+
+    monkeypatch.setattr(workers, "Offload", Recorded)
+    training = [(tiny, "float32"), (gpt2, "float32")]
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad"], [TINY, big], ["float32"], worker_processes=1, training=training)
+    dev = backends.get("tinygrad").devices()[0]
+    (name, plan), = made["plans"]
+    assert [item[0] for item in plan] == [TINY, big]  # the model runs only
+    keyed = [(c[0], len(c) > 2 and c[2]) for c in made["chores"] if c[0] is not None]
+    assert keyed == [(("tinygrad", gpt2, "float32", dev, "trajectory"), False),  # too large to run beside gpt2's
+                     (("tinygrad", tiny, "float32", dev, "trajectory"), True),
+                     (("reference", gpt2, "float32"), True)]
+    assert made["chores_while"](("tinygrad", TINY)) and not made["chores_while"](("tinygrad", big))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=1, training=training[:1])
+    (name, plan), = made["plans"]
+    assert plan[-1] == (tiny, "float32", dev, "trajectory")
+    assert all(c[0] is None for c in made["chores"])
+
+
+def test_a_worker_run_computes_on_one_core(monkeypatch):
+    """workers.compute (the worker's runs, and the main process's chores of them) runs inside Backend.one_core;
+    tinygrad's turns its parallel kernel generation off there (a chore's pool took the worker's core)."""
+    from tinygrad.helpers import PARALLEL
+
+    tg = backends.get("tinygrad")
+    seen = []
+    monkeypatch.setattr(workers, "_compute", lambda *args: seen.append(PARALLEL.value))
+    before = PARALLEL.value
+    workers.compute(tg, TINY, "float32", "CPU", "model", {})
+    assert seen == [0] and PARALLEL.value == before
 
 
 def test_the_worker_queues_small_runs_and_waits_behind_a_large_one(monkeypatch):

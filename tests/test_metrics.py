@@ -1,11 +1,12 @@
-"""conformance.metrics: errors() works block by block; checked here against whole-array numpy (the oracle)."""
+"""The metrics of SPEC.md 9 (spec.tolerance.errors, which conformance.metrics uses) work block by block; checked
+here against whole-array numpy (the oracle)."""
 import math
 
 import numpy as np
 import pytest
 
-from gptspec.conformance import metrics
 from gptspec.conformance.metrics import compare, errors
+from gptspec.spec.tolerance import ERROR_BLOCK
 
 FIELDS = dict(case="c", subject="s", device="cpu", dtype="float32", quantity="grads", tensor="t")
 
@@ -20,9 +21,9 @@ def oracle(x, ref):
 @pytest.mark.parametrize("x_dtype,ref_dtype", [("float32", "float64"), ("float32", "float32"), ("float64", "float64")])
 def test_errors_match_whole_array_numpy_across_blocks(x_dtype, ref_dtype):
     rng = np.random.default_rng(0)
-    n = 3 * metrics._BLOCK + 123  # several blocks and a ragged last one
+    n = 3 * ERROR_BLOCK + 123  # several blocks and a ragged last one
     ref = (rng.standard_normal(n) * np.exp(rng.standard_normal(n))).astype(ref_dtype).reshape(-1, 1)
-    ref[2 * metrics._BLOCK + 5, 0] = 1e3  # the reference's peak in the third block
+    ref[2 * ERROR_BLOCK + 5, 0] = 1e3  # the reference's peak in the third block
     x = (ref * (1 + 1e-5 * rng.standard_normal(ref.shape))).astype(x_dtype)
     x[-1, 0] = ref[-1, 0] + 7.0  # the largest difference in the last, partial one
     got, want = errors(x, ref), oracle(x, ref)
@@ -55,7 +56,7 @@ def test_zero_reference_needs_zero_x():
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("ref_is_zero", [False, True])
 def test_a_nan_or_inf_on_either_side_is_named(where, bad, ref_is_zero):
-    n = metrics._BLOCK + 10
+    n = ERROR_BLOCK + 10
     ref = np.zeros(n) if ref_is_zero else np.linspace(1, 2, n)
     x = ref.astype(np.float32)
     side = x if where == "backend" else ref

@@ -171,3 +171,19 @@ def test_spec_shows_the_calibrated_trajectory_bounds():
 
     shown = SPEC_FILE.read_text().split(TRAJ_BEGIN, 1)[1].split(TRAJ_END, 1)[0].strip()
     assert shown == trajectory_table(policy()["trajectory"]).strip(), "SPEC.md 20.11 is stale: recalibrate"
+
+
+def test_the_weight_change_is_the_checks_exact_arithmetic_even_in_a_perturbed_run():
+    """The condition estimate of a weight change perturbs the training run's operations, not the change w_k - w_0,
+    which the checks compute exactly in float64: a perturbed subtraction there would also shift every later
+    random rounding of the estimate (it drew the trajectory kappas 0.5 -> 0.8 on test-tiny's loss)."""
+    from gptspec.conformance import trajectory
+    from gptspec.spec.reference import conditioning
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((8, 4)).astype(np.float32)
+    w1 = w0 + rng.standard_normal((8, 4)) * 1e-3
+    state = TrainState(1, {"w": conditioning.noisy({"w": w1})["w"]}, {}, {})
+    with conditioning.perturbed(0):
+        dw = trajectory._change(state, {"w": w0}, "w", None)
+    assert type(dw) is np.ndarray and (dw == w1 - w0.astype(np.float64)).all()

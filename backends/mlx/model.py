@@ -3,7 +3,7 @@
 
 The parameter tree flattens to the spec's canonical names (`h.0.attn.c_attn.weight`, ...),
 Linear weights are (out, in) as nn.Linear keeps them, and the LM head is the token embedding
-itself (`wte.as_linear`), so there is no `lm_head` to tie.
+itself (`linear(x, wte.weight)`, as `wte.as_linear`), so there is no `lm_head` to tie.
 """
 from __future__ import annotations
 
@@ -18,6 +18,29 @@ from .attention import KVCache, cache_offset, identity_value_attention, learned_
 from .losses import cross_entropy, early_exit_loss
 
 
+_HALF = (mx.float16, mx.bfloat16)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias), as nn.Linear computes it, with SPEC.md 7's arithmetic: inner products accumulate in
+    float32 and the result rounds once to the dtype. A half-precision product on the CPU runs as a float32 GEMM,
+    which is that arithmetic exactly (widening is exact): MLX's own half-precision CPU matmul does not use BLAS and
+    was 7-8x slower (GPT-2 124M's loss and gradients, B1xT64 on 2 cores: bfloat16 8.6 s -> 1.1 s, float16
+    11.9 s -> 1.6 s, bench/half_products.py). On a GPU, and in float32, MLX's own product."""
+    if x.dtype in _HALF and mx.default_device() == mx.cpu:
+        wide = x.astype(mx.float32), weight.astype(mx.float32).T
+        y = wide[0] @ wide[1] if bias is None else mx.addmm(bias.astype(mx.float32), *wide)
+        return y.astype(x.dtype)
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters) computing `linear`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return linear(x, self["weight"], self["bias"] if "bias" in self else None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -26,14 +49,14 @@ class CausalSelfAttention(nn.Module):
         # SPEC.md 17: with identity values c_attn makes q and k only, and there is no c_proj
         self.identity_values = spec.attention_values == "identity"
         self.head_reduce = spec.head_reduce
-        self.c_attn = nn.Linear(spec.n_embd, (2 if self.identity_values else 3) * spec.n_embd, bias=spec.bias == "on")
+        self.c_attn = Linear(spec.n_embd, (2 if self.identity_values else 3) * spec.n_embd, bias=spec.bias == "on")
         # SPEC.md 10.1: a learned sink logit per head, or softmax1's / softmax_c's constant ln c, or none
         self.learned_sinks, self.sink_logit = spec.attention == "learned_sinks", spec.sink_logit
         if self.learned_sinks:
             self.sinks = mx.zeros((spec.n_head,))
             self._attend_learned = learned_sink_attention(self.scale)
         if not self.identity_values:
-            self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
+            self.c_proj = Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
@@ -63,8 +86,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
+        self.c_fc = Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
+        self.c_proj = Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.c_fc(x)
@@ -143,7 +166,7 @@ class GPT(nn.Module):
 
     def head(self, x: mx.array) -> mx.array:
         """ln_f, then the LM head tied to the token embedding: logits (..., padded_vocab_size)."""
-        return self.wte.as_linear(self.ln_f(x))
+        return linear(self.ln_f(x), self.wte.weight)  # wte.as_linear, through `linear`
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
         """The last layer's logits (B, T, padded_vocab_size) for (B, T) token ids. With `cache` (from

@@ -17,7 +17,7 @@ from ...spec.params import ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import KVCache, cache_offset
 from .losses import cross_entropy
-from .model import check_draws, check_targets, check_tokens, embed, init_from_spec
+from .model import Linear, check_draws, check_targets, check_tokens, embed, init_from_spec
 
 
 def justnorm(x: mx.array) -> mx.array:
@@ -44,9 +44,9 @@ class Attention(nn.Module):
         # q and k are unit vectors times s_qk, so their dot product is a cosine: sqrt(d_k) restores
         # the logits' range where GPT-2 divides by it
         self.scale = math.sqrt(spec.head_dim)
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=False)
+        self.c_attn = Linear(spec.n_embd, 3 * spec.n_embd, bias=False)
         self.sqk = mx.zeros((spec.n_embd,))
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=False)
+        self.c_proj = Linear(spec.n_embd, spec.n_embd, bias=False)
 
     def __call__(self, x: mx.array, cos_sin, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
@@ -68,9 +68,9 @@ class MLP(nn.Module):
         self.swiglu = spec.mlp == "swiglu"
         uv = (8 if self.swiglu else 4) * spec.n_embd
         self.suv_scale = ngpt_scales(spec)["ngpt_suv"].multiplier
-        self.c_fc = nn.Linear(spec.n_embd, uv, bias=False)
+        self.c_fc = Linear(spec.n_embd, uv, bias=False)
         self.suv = mx.zeros((uv,))
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=False)
+        self.c_proj = Linear(4 * spec.n_embd, spec.n_embd, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         uv = self.c_fc(x) * (self.suv * self.suv_scale)
@@ -113,7 +113,7 @@ class NGPT(nn.Module):
         self.sz_scale = ngpt_scales(spec)["ngpt_sz"].multiplier
         self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
         self.h = [Block(spec) for _ in range(spec.n_layer)]
-        self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.n_embd, spec.vocab_size, bias=False)
         self.sz = mx.zeros((spec.vocab_size,))
         # RoPE angles in float64 once, kept in float32 and rounded to the model's dtype on use; the
         # leading underscore keeps them out of parameters()

@@ -241,6 +241,10 @@ class TinygradBackend(Backend):
         resolve_device(device)
         return DTYPES  # what a renderer lacks, tinygrad emulates (bf16 on CPU: see ensure_bfloat16)
 
+    def one_core(self):
+        # tinygrad generates a schedule's new kernels in a pool of processes, one per core (its PARALLEL)
+        return Context(PARALLEL=0)
+
     def _device(self, device) -> str:
         return resolve_device(device)
 

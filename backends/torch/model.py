@@ -19,6 +19,24 @@ from .attention import KVCache, attention, cache_offset
 from .losses import cross_entropy, early_exit_loss
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with SPEC.md 7's arithmetic: inner products accumulate in float32 and the result rounds once to
+    the dtype. A float16 product on the CPU runs as a float32 GEMM, which is that arithmetic exactly (widening
+    is exact): torch's float16 CPU GEMM, on a CPU without float16 instructions, was ~20x slower (GPT-2 124M's
+    loss and gradients, B1xT64 on 2 cores: 13.6 s -> 0.63 s, bench/half_products.py). bfloat16 keeps torch's
+    own (oneDNN's) kernels, the faster of the two there, and every product on a GPU is left to torch."""
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) computing `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -27,13 +45,13 @@ class CausalSelfAttention(nn.Module):
         self.identity_values = spec.attention_values == "identity"
         self.head_reduce = spec.head_reduce
         n_out = (2 if self.identity_values else 3) * spec.n_embd
-        self.c_attn = nn.Linear(spec.n_embd, n_out, bias=spec.bias == "on")
+        self.c_attn = Linear(spec.n_embd, n_out, bias=spec.bias == "on")
         # SPEC.md 10.1: a learned sink logit per head, or softmax1's / softmax_c's constant ln c, or none
         self.learned_sinks, self.sink_logit = spec.attention == "learned_sinks", spec.sink_logit
         if self.learned_sinks:
             self.sinks = nn.Parameter(torch.zeros(spec.n_head))
         if not self.identity_values:
-            self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
+            self.c_proj = Linear(spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -57,8 +75,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
+        self.c_fc = Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias == "on")
+        self.c_proj = Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias == "on")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -130,7 +148,7 @@ class GPT(nn.Module):
         return embed_tokens(self.spec, self.wte, tokens) + self.wpe(torch.arange(n, n + tokens.shape[1], device=tokens.device))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln_f(x), self.wte.weight)  # LM head tied to the token embedding
+        return linear(self.ln_f(x), self.wte.weight)  # LM head tied to the token embedding
 
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:

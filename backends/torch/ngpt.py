@@ -17,7 +17,7 @@ from ...spec.params import ngpt_scales
 from ...spec.rope import rope_angles
 from .attention import KVCache, attention, cache_offset
 from .losses import cross_entropy
-from .model import check_draws, check_targets, check_tokens, embed_tokens, init_from_spec
+from .model import Linear, check_draws, check_targets, check_tokens, embed_tokens, init_from_spec
 
 
 def justnorm(x: torch.Tensor) -> torch.Tensor:
@@ -35,9 +35,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = spec.n_head
         self.sqk_scale = ngpt_scales(spec)["ngpt_sqk"].multiplier
-        self.c_attn = nn.Linear(spec.n_embd, 3 * spec.n_embd, bias=False)
+        self.c_attn = Linear(spec.n_embd, 3 * spec.n_embd, bias=False)
         self.sqk = nn.Parameter(torch.empty(spec.n_embd))
-        self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=False)
+        self.c_proj = Linear(spec.n_embd, spec.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos_sin, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -60,9 +60,9 @@ class MLP(nn.Module):
         self.swiglu = spec.mlp == "swiglu"
         uv = 8 * spec.n_embd if self.swiglu else 4 * spec.n_embd
         self.suv_scale = ngpt_scales(spec)["ngpt_suv"].multiplier
-        self.c_fc = nn.Linear(spec.n_embd, uv, bias=False)
+        self.c_fc = Linear(spec.n_embd, uv, bias=False)
         self.suv = nn.Parameter(torch.empty(uv))
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=False)
+        self.c_proj = Linear(4 * spec.n_embd, spec.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         uv = self.c_fc(x) * (self.suv * self.suv_scale)
@@ -101,7 +101,7 @@ class NGPT(nn.Module):
         self.sz_scale = ngpt_scales(spec)["ngpt_sz"].multiplier
         self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
         self.h = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
-        self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.n_embd, spec.vocab_size, bias=False)
         self.sz = nn.Parameter(torch.empty(spec.vocab_size))
         # RoPE angles in float64 once (float32 angles drift by ~1e-4 rad at position 1024),
         # rounded to the model's dtype on use; plain arrays, so the state dict stays canonical

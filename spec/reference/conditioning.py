@@ -22,6 +22,8 @@ import functools
 
 import numpy as np
 
+from ..tolerance import errors
+
 DELTA = 2.0 ** -30
 # gradual underflow's absolute error: small enough to stay first order on the smallest gradients (~1e-7), large
 # enough to survive float64's rounding of them; on values above ~1e-2 it is lost, as the dtype's is there
@@ -74,16 +76,14 @@ def _noisy(result, exact: bool):
     if arr.dtype.kind != "f":
         return result
     if _state["rng"] is not None and not exact:
-        factor = _factors(arr.size).reshape(arr.shape)
-        if _state["absolute"]:  # an underflow's error: absolute, and only where the result is not exactly 0
-            factor = (factor - 1.0) * (arr != 0)
-            op = np.add
+        window = _factors(arr.size).reshape(arr.shape)  # 1 + delta r, or, `absolute`, delta r
+        in_place = isinstance(result, np.ndarray) and arr.ndim  # an `out=` operand must stay the array written
+        if not _state["absolute"]:
+            arr = np.multiply(arr, window, out=arr if in_place else None)
+        elif in_place:  # an underflow's error: absolute, and only where the result is not exactly 0
+            np.add(arr, window, out=arr, where=arr != 0)
         else:
-            op = np.multiply
-        if isinstance(result, np.ndarray) and arr.ndim:
-            op(arr, factor, out=arr)  # in place: an `out=` operand must stay the array written
-        else:
-            arr = op(arr, factor)
+            arr = arr + window * (arr != 0)
     return arr.view(Noisy)
 
 
@@ -91,7 +91,11 @@ _POOL = 1 << 22
 
 
 @functools.lru_cache(maxsize=2)
-def _pool(delta: float) -> np.ndarray:
+def _pool(delta: float, absolute: bool = False) -> np.ndarray:
+    """The factors 1 + delta r of a relative perturbation, or (`absolute`) the offsets delta r, each one's
+    value exactly (1 + delta r) - 1 of the same draw."""
+    if absolute:
+        return _pool(delta) - 1.0
     return 1.0 + delta * np.random.default_rng(20261130).uniform(-1.0, 1.0, _POOL)
 
 
@@ -111,7 +115,7 @@ def perturbed(seed, delta: float = DELTA, absolute: bool = False):
     """Within the block, operations on Noisy arrays round randomly with unit roundoff `delta` (relative), or,
     `absolute`, with an absolute error of up to `delta` wherever their result is not 0 (gradual underflow)."""
     saved = dict(_state)
-    _state.update(rng=np.random.default_rng(seed), delta=delta, pool=_pool(delta), absolute=absolute)
+    _state.update(rng=np.random.default_rng(seed), delta=delta, pool=_pool(delta, absolute), absolute=absolute)
     try:
         yield
     finally:
@@ -121,20 +125,6 @@ def perturbed(seed, delta: float = DELTA, absolute: bool = False):
 def noisy(params):
     """The parameters as Noisy views (same values, no copy): the reference run on them is perturbed."""
     return {n: np.asarray(a, np.float64).view(Noisy) for n, a in params.items()}
-
-
-def _rel(x, ref, norm) -> float:
-    scale = norm(ref)
-    diff = norm(np.asarray(x, np.float64) - ref)
-    return diff / scale if scale else (0.0 if diff == 0 else np.inf)
-
-
-def _l2(a) -> float:
-    return float(np.linalg.norm(np.asarray(a).ravel()))
-
-
-def _maxabs(a) -> float:
-    return float(np.abs(np.asarray(a)).max(initial=0.0))
 
 
 def estimate(compute, samples: int = 3, seed=0, delta: float = DELTA, absolute: bool = False,
@@ -152,5 +142,5 @@ def estimate(compute, samples: int = 3, seed=0, delta: float = DELTA, absolute: 
             out = compute(True)
         for n, ref in exact.items():
             x = np.asarray(out[n].view(np.ndarray) if isinstance(out[n], Noisy) else out[n], np.float64)
-            sums[n] += np.square([_rel(x, ref, _l2), _rel(x, ref, _maxabs)])
+            sums[n] += np.square(errors(x, ref)[:2])  # rel_l2, rel_max: the checks' own metrics
     return {n: tuple(float(v) for v in np.sqrt(sq / samples) / delta) for n, sq in sums.items()}
