@@ -371,7 +371,8 @@ def run(
     if any(_large(item[0]) for _, plan in plans for item in plan):
         beside += [(("reference", case, precision), partial(reference_trajectory, case, precision), True)
                    for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS]
-    chores = [(None, partial(conditioning, case), not _large(case)) for case in cases[:conditioning.cache_info().maxsize]
+    chores = [(None, partial(conditioning, case), not _large(case))
+              for case in cases[:conditioning.cache_info().maxsize]
               if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
     chores += [((b.name, *item), partial(workers.compute, b, *item, {}))
                for b in offloaded for item in _training_plan(b, training, device, ahead=True)]

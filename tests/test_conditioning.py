@@ -97,7 +97,8 @@ def test_a_check_bound_is_c_times_u_times_kappa():
 
 
 def test_the_absolute_perturbation_adds_up_to_eta_where_a_result_is_not_zero():
-    # gradual underflow's error (SPEC.md 9): absolute, uniform in [-eta, eta], and none on an exact 0 (a 0 stores exactly)
+    # gradual underflow's error (SPEC.md 9): absolute, uniform in [-eta, eta], and none on an exact 0 (which
+    # stores exactly)
     rng = np.random.default_rng(3)
     x = np.zeros(40000)
     x[::2] = rng.uniform(-1e-5, 1e-5, 20000)
