@@ -54,29 +54,38 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", action="append", choices=sorted(HALF))
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="timed calls of each product (>= 1), after a warm-up")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
+    missing = [n for n in args.backend or () if n not in available()]
+    if missing:
+        p.error(f"not installed or not usable here: {', '.join(missing)}")
     spec, params = gpt2_weights()
     params = {n: a.astype(np.float32) for n, a in params.items()}
     tokens, targets = inputs(spec, 1, 64)
     table = Table(title="GPT-2 124M loss and gradients, B1 x T64, CPU: seconds per call (median)")
     for col in ("backend", "dtype", "gptspec (float32 GEMM)", "framework's own product", "ratio"):
         table.add_column(col)
-    for name in args.backend or [n for n in HALF if n in available()]:
-        b = get(name)
-        for dtype in HALF[name]:
-            model = b.build(spec, params, dtype, "cpu")
-            times = {True: [], False: []}
-            for _ in range(args.repeat + 1):  # the first round warms both up and is not counted
-                for own in (False, True):
-                    with product(name, own):
-                        start = time.perf_counter()
-                        b.loss_and_grads(model, tokens, targets)
-                        times[own].append(time.perf_counter() - start)
-            ours, theirs = (statistics.median(times[own][1:]) for own in (False, True))
-            table.add_row(name, dtype, f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.1f}x")
-            del model
-    Console(width=140).print(table)
+    console = Console(width=140)
+    with console.status("") as status:  # a live line: a framework's own half product takes ~10 s a call
+        for name in args.backend or [n for n in HALF if n in available()]:
+            b = get(name)
+            for dtype in HALF[name]:
+                model = b.build(spec, params, dtype, "cpu")
+                times = {True: [], False: []}
+                for r in range(args.repeat + 1):  # the first round warms both up and is not counted
+                    for own in (False, True):
+                        status.update(f"{name} {dtype}, round {r + 1} of {args.repeat + 1}: "
+                                      f"{'the framework' if own else 'gptspec'}'s product")
+                        with product(name, own):
+                            start = time.perf_counter()
+                            b.loss_and_grads(model, tokens, targets)
+                            times[own].append(time.perf_counter() - start)
+                ours, theirs = (statistics.median(times[own][1:]) for own in (False, True))
+                table.add_row(name, dtype, f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.1f}x")
+                del model
+    console.print(table)
 
 
 if __name__ == "__main__":

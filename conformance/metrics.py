@@ -46,7 +46,6 @@ def ratio(error: float, bound: float) -> float:
     return error / bound if bound else (0.0 if error == 0 else math.inf)
 
 
-
 def compare(
     x, ref, *, case: str, subject: str, device: str, dtype: str, quantity: str, tensor: str,
     pairwise: bool = False, names: tuple[str, str] = ("backend", "reference"),

@@ -361,21 +361,24 @@ def run(
     # third field). In a suite with a large case, the worker is the longer process (gpt2's model runs are its
     # own), so its small training runs become such chores, as does the reference's large training run, which
     # would otherwise come after the worker's last run (its ~6 GB peak fits beside: docs/tinygrad.md 4).
-    plans, beside = [], []
+    def worker_run(b, item, beside=False):  # one of a worker's runs, as a chore of this process
+        return (b.name, *item), partial(workers.compute, b, *item, {}), beside
+
+    plans, beside, waits_for_large = [], [], False
     for b in offloaded:
         model_runs, small_training = _plan(b, cases, dtypes, device, generating), _training_plan(b, training, device)
         if any(_large(item[0]) for item in model_runs):
-            beside += [((b.name, *item), partial(workers.compute, b, *item, {}), True) for item in small_training]
+            waits_for_large = True
+            beside += [worker_run(b, item, beside=True) for item in small_training]
             small_training = []
         plans += [(b.name, plan) for plan in workers.split(model_runs + small_training, count)]
-    if any(_large(item[0]) for _, plan in plans for item in plan):
+    if waits_for_large:
         beside += [(("reference", case, precision), partial(reference_trajectory, case, precision), True)
                    for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS]
     chores = [(None, partial(conditioning, case), not _large(case))
               for case in cases[:conditioning.cache_info().maxsize]
               if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
-    chores += [((b.name, *item), partial(workers.compute, b, *item, {}))
-               for b in offloaded for item in _training_plan(b, training, device, ahead=True)]
+    chores += [worker_run(b, item) for b in offloaded for item in _training_plan(b, training, device, ahead=True)]
     chores += beside
     offload = workers.Offload(plans, chores, lambda key: not _large(key[1]))
     workers.current = offload

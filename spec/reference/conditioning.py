@@ -90,7 +90,7 @@ def _noisy(result, exact: bool):
 _POOL = 1 << 22
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)  # DELTA's factors, ETA's offsets and the factors they come from
 def _pool(delta: float, absolute: bool = False) -> np.ndarray:
     """The factors 1 + delta r of a relative perturbation, or (`absolute`) the offsets delta r, each one's
     value exactly (1 + delta r) - 1 of the same draw."""
