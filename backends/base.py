@@ -95,10 +95,10 @@ class Backend(ABC):
     def dtypes(self, device: str) -> tuple[str, ...]:
         """The spec dtypes this backend runs on `device`."""
 
-    def one_core(self) -> contextlib.AbstractContextManager:
-        """A context in which the backend's work keeps to one CPU core where the backend itself would spread it
-        (a parallel compile): the conformance suite computes a worker's runs so in the main process, beside the
-        worker on the other core. By default, nothing changes."""
+    def threads(self, n: int) -> contextlib.AbstractContextManager:
+        """A context in which the backend's own threads (intra-op threads, a parallel compile) keep to `n` CPU
+        cores: the conformance suite's main process shares the machine with its worker processes (BLAS libraries
+        are limited apart from this, conformance/workers.py sharing_cores). By default, nothing changes."""
         return contextlib.nullcontext()
 
     # -- building --------------------------------------------------------------------------------

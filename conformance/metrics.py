@@ -50,11 +50,13 @@ def compare(
     x, ref, *, case: str, subject: str, device: str, dtype: str, quantity: str, tensor: str,
     pairwise: bool = False, names: tuple[str, str] = ("backend", "reference"),
     bound_l2: float | None = None, bound_max: float | None = None, kappa: tuple[float, float] | None = None,
+    since: tuple | None = None, keep: np.ndarray | None = None,
 ) -> Check:
     """Check x against ref. NaN or Inf on either side fails, with a note naming the side.
     The bounds are, unless given (bound_l2, bound_max: e.g. the trajectory bounds, which depend on the
     step count too), the tensor's own when its condition estimates `kappa` (reference.condition's) are given
-    and the policy is conditioned (SPEC.md 9: c x u x kappa), else the policy's for (dtype, quantity)."""
+    and the policy is conditioned (SPEC.md 9: c x u x kappa), else the policy's for (dtype, quantity).
+    `since` = (x0, ref0) and `keep`: the changes x - x0 and ref - ref0, on the elements of `keep` (errors)."""
     def policy_bound(metric, k):
         if k is not None and is_conditioned():
             return conditioned_bound(dtype, quantity, metric, k, pairwise)
@@ -75,9 +77,10 @@ def compare(
     if x.shape != ref.shape:
         return Check(**fields, rel_l2=nan, rel_max=nan, max_abs=nan,
                      note=f"shape {x.shape} from {names[0]}, {ref.shape} from {names[1]}")
-    rel_l2, rel_max, max_abs = errors(x, ref)
+    rel_l2, rel_max, max_abs = errors(x, ref, since=since, keep=keep)
     if not math.isfinite(rel_l2):  # a NaN or Inf on a side (errors makes rel_l2 say so), or a zero reference
         for side, arr in zip(names, (x, ref)):
+            arr = arr if keep is None else arr[keep]  # a dropped element is not compared
             if not np.isfinite(arr).all():
                 kind = "NaN" if np.isnan(arr).any() else "Inf"
                 return Check(**fields, rel_l2=nan, rel_max=nan, max_abs=nan, note=f"{kind} in {side}")

@@ -347,7 +347,7 @@ def run(
     workers.DEFAULT_WORKERS; 0: none, everything in this process)."""
     from ..spec import DTYPES
     from .generation import run_generation
-    from .trajectory import reference_trajectory, run_trajectory
+    from .trajectory import reference_trajectory, run_trajectory, trajectory_from_reference
 
     resolved = [get(b) if isinstance(b, str) else b for b in backends]
     cases, dtypes, generating, training = list(cases), list(dtypes or DTYPES), set(generation), list(training)
@@ -359,8 +359,9 @@ def run(
     # to come, then the offloaded backends' training runs too large for a worker (_plan). Waiting for a large
     # case's run, it holds that case's reference and runs: then only the chores marked to run beside them (the
     # third field). In a suite with a large case, the worker is the longer process (gpt2's model runs are its
-    # own), so its small training runs become such chores, as does the reference's large training run, which
-    # would otherwise come after the worker's last run (its ~6 GB peak fits beside: docs/tinygrad.md 4).
+    # own), so its small training runs become such chores, as do the large training runs of the reference and
+    # then of the other backends (from the reference's inputs), which would otherwise come after the worker's
+    # last run, where the machine's memory holds them beside (BESIDE_TRAINING_MEMORY; docs/tinygrad.md 4).
     def worker_run(b, item, beside=False):  # one of a worker's runs, as a chore of this process
         return (b.name, *item), partial(workers.compute, b, *item, {}), beside
 
@@ -372,9 +373,12 @@ def run(
             beside += [worker_run(b, item, beside=True) for item in small_training]
             small_training = []
         plans += [(b.name, plan) for plan in workers.split(model_runs + small_training, count)]
-    if waits_for_large:
+    memory = _memory_bytes()
+    if waits_for_large and (memory is None or memory >= BESIDE_TRAINING_MEMORY):
         beside += [(("reference", case, precision), partial(reference_trajectory, case, precision), True)
                    for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS]
+        beside += [((b.name, *item), partial(trajectory_from_reference, b, *item[:3]), True)
+                   for b in resolved if b not in offloaded for item in _training_plan(b, training, device, ahead=True)]
     chores = [(None, partial(conditioning, case), not _large(case))
               for case in cases[:conditioning.cache_info().maxsize]
               if not memory_gap(case) and case.spec.n_params <= AHEAD_PARAMS] if plans else []
@@ -383,16 +387,17 @@ def run(
     offload = workers.Offload(plans, chores, lambda key: not _large(key[1]))
     workers.current = offload
     try:
-        for case in cases:
-            for dtype in dtypes:
-                outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
-                if case in generating:
-                    outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
-                release()
-        for case, precision in training:
-            if on_start:
-                on_start(case.id, "training", precision)
-            outcomes += run_trajectory(resolved, case, precision, device, pairwise, on_outcome)
+        with workers.sharing_cores(offload.processes, resolved):
+            for case in cases:
+                for dtype in dtypes:
+                    outcomes += run_case(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+                    if case in generating:
+                        outcomes += run_generation(resolved, case, dtype, device, pairwise, on_start, on_outcome)
+                    release()
+            for case, precision in training:
+                if on_start:
+                    on_start(case.id, "training", precision)
+                outcomes += run_trajectory(resolved, case, precision, device, pairwise, on_outcome)
     finally:  # Ctrl-C or a crash here ends the worker too
         workers.current = None
         offload.close()
@@ -446,6 +451,12 @@ def _training_plan(backend: Backend, training: Iterable[tuple], device: str | No
 # (~4 GB at its peak) and tinygrad training run (~9 GB at its peak, 1.5 GB kept) fit beside the small case's run
 # the main process holds while it waits; a larger model's would add to the large case it may be holding.
 AHEAD_PARAMS = 130_000_000
+
+# The memory a machine needs for the large training runs (the reference's, then torch's and MLX's) to be done
+# while the main process holds gpt2's model case (run's chores): the run's peak, all processes, is then 18.7 GB
+# (17.4 GiB), against 12.8 GB with them after the worker's last run, which ends the run ~20 s later
+# (docs/tinygrad.md 4).
+BESIDE_TRAINING_MEMORY = 20 << 30
 
 # Larger training runs stay in the main process, where they never overlap the float64 reference's training
 # run: in the worker, tinygrad's gpt2 training (its model, AdamW state and the state it hands back, ~9 GB at

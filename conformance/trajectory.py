@@ -316,6 +316,13 @@ def backend_trajectory(backend: Backend, case: TrajectoryCase, ref: ReferenceTra
     return out
 
 
+def trajectory_from_reference(backend: Backend, case: TrajectoryCase, precision: str, device: str) -> Trajectory:
+    """The backend's run of the case as run_trajectory computes it in this process: from the float64 reference's
+    starting weights and batches (reference_trajectory keeps its recent runs, so a chore that follows the
+    reference's own reuses them)."""
+    return backend_trajectory(backend, case, reference_trajectory(case, precision), device)
+
+
 # The runs of the current (case, precision), so that pairwise checks (and pytest's separate pairwise
 # tests) reuse each backend's run instead of repeating it.
 _runs: dict[tuple, Trajectory] = {}
@@ -380,7 +387,9 @@ def compare_trajectories(x: Trajectory, y: Trajectory, ref: ReferenceTrajectory,
         sx, sy = x.states.get(k), y.states.get(k)
         for name in table:
             keep = None if name not in ref.null else ~ref.null[name]
-            checks.append(_check(_change(sx, ref.initial, name, keep), _change(sy, ref.initial, name, keep),
+            # the changes from the start, formed block by block by the comparison (errors' `since`)
+            a, b = (None if s is None else s.params.get(name) for s in (sx, sy))
+            checks.append(_check(a, b, since=(ref.initial[name],) * 2, keep=keep,
                                  steps=k, quantity="train_weights", tensor=f"step {k}: {name}",
                                  kappa=kappa.get(("train_weights", f"step {k}: {name}")), **common))
             for quantity, group in (("train_m", "m"), ("train_v", "v")):

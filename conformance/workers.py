@@ -19,7 +19,9 @@ through take_or_compute), so the checks are exactly those of an in-process run.
 - While the main process waits for a run, it does its chores (Offload): work it needs later anyway,
   such as the condition estimates of the cases to come, the offloaded backend's training runs too
   large for a worker, and, in a suite with a large case, the worker's small training runs and the
-  reference's large one (runner.run), so that a wait is not idle and the worker finishes sooner.
+  large ones of the reference and the other backends (runner.run), so that a wait is not idle and
+  the worker finishes sooner.
+- While workers run, the main process keeps its threads to the cores they leave (sharing_cores).
 - A run that raises is that backend's error outcome for its (case, dtype), with the same message
   as in-process. A worker that dies (killed, out of memory) is the error of the run it was on, and
   a fresh worker takes over the rest; a dead worker is noticed by the closed pipe, never waited on.
@@ -36,6 +38,7 @@ few GB), so the default is one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -139,9 +142,9 @@ def compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
     """One planned run, as the main process would compute it: a model run (runner.backend_run), a
     generation run (generation.generation_run) or a training run (trajectory.backend_trajectory), from the
     case's weights and inputs alone, never the float64 reference. `inputs` keeps the current case's.
-    On one core (Backend.one_core): a worker's runs, in the worker or as a chore of the main process, run
+    On one core (Backend.threads): a worker's runs, in the worker or as a chore of the main process, run
     beside another process (a chore's parallel compile took the core of the worker it was waiting for)."""
-    with backend.one_core():
+    with backend.threads(1):
         return _compute(backend, case, dtype, device, kind, inputs)
 
 
@@ -166,6 +169,30 @@ def _compute(backend, case, dtype: str, device: str, kind: str, inputs: dict):
     from .runner import backend_run
 
     return backend_run(backend, inputs["model"], dtype, device)
+
+
+@contextlib.contextmanager
+def sharing_cores(busy: int, backends: Iterable = ()):
+    """This process's threads while `busy` worker processes each keep a core busy: the cores left (at least one),
+    for the backends' own threads (Backend.threads) and for every BLAS library loaded (threadpoolctl, installed
+    with the tinygrad extra, whose runs are the ones the workers compute). Two threads on the one core a worker
+    leaves on a 2-core machine wait on each other at every parallel region (OpenBLAS, torch's OpenMP), and
+    they take the worker's core too: `gptspec conformance` took 167 s with 2, 149 s with 1 (docs/tinygrad.md 4)."""
+    if not busy:
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, cores - busy)
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # the core's own dependencies do not include it: then BLAS keeps its threads
+            pass
+        else:
+            stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+        for backend in backends:
+            stack.enter_context(backend.threads(n))
+        yield
 
 
 class _Outbox:
@@ -317,6 +344,11 @@ class Offload:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def processes(self) -> int:
+        """The worker processes computing the plans (each keeps a core busy)."""
+        return sum(w is not None for w in self._workers)
 
     def serves(self, key: tuple) -> bool:
         return key in self._worker_of or key in self._kept

@@ -143,23 +143,34 @@ def trajectory_conditioned_bound(precision: str, quantity: str, metric: str, kap
 ERROR_BLOCK = 1 << 16
 
 
-def errors(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+def errors(x: np.ndarray, ref: np.ndarray, *, since: tuple[np.ndarray, np.ndarray] | None = None,
+           keep: np.ndarray | None = None) -> tuple[float, float, float]:
     """(rel_l2, rel_max, max_abs) of x against ref, in float64. A zero reference needs a zero x.
     A NaN or Inf on either side makes rel_l2 NaN or Inf. Sums of squares are accumulated block by block,
     so rel_l2 may differ from a whole-array dot product's in its last digits (at most 2.2e-12 relative
-    over the main job's checks); the maxima are exact."""
+    over the main job's checks); the maxima are exact.
+    `since` = (x0, ref0): the changes x - x0 and ref - ref0 are compared instead, each formed in float64
+    block by block (a gpt2 weight change is 1 GB in float64 as a whole array); `keep`: a mask of the
+    elements compared (the others count as zero on both sides, which leaves every metric as it is)."""
     x, ref = np.asarray(x), np.asarray(ref)
     # blocks of rows in the arrays' own layout (a transposed gradient is not copied to flatten it); sums by
     # einsum, not BLAS: a BLAS dot per block woke its threads every time, ~40x slower beside another process
     rows = (x.shape[0], -1) if x.ndim and x.size else (1, x.size)
     x, ref = x.reshape(rows), ref.reshape(rows)
+    x0, ref0 = (None, None) if since is None else (np.asarray(a).reshape(rows) for a in since)
+    dropped = None if keep is None else ~np.asarray(keep).reshape(rows)
     step = max(1, ERROR_BLOCK // max(1, x.shape[1]))
     sq_diff = sq_ref = 0.0
     diff_max, ref_max = [0.0], [0.0]
     with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: the NaN is the answer, not a warning
         for i in range(0, x.shape[0], step):
-            r = ref[i:i + step]
-            d = np.subtract(x[i:i + step], r, dtype=np.float64)
+            a, r = x[i:i + step], ref[i:i + step]
+            if since is not None:
+                a = np.subtract(a, x0[i:i + step], dtype=np.float64)
+                r = np.subtract(r, ref0[i:i + step], dtype=np.float64)
+            if dropped is not None:
+                a, r = (np.where(dropped[i:i + step], 0.0, v) for v in (a, r))
+            d = np.subtract(a, r, dtype=np.float64)
             sq_diff += float(np.einsum("ij,ij->", d, d))
             sq_ref += float(np.einsum("ij,ij->", r, r, dtype=np.float64))
             diff_max.append(float(np.abs(d, out=d).max(initial=0.0)))

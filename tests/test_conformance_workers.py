@@ -211,6 +211,7 @@ def test_the_main_process_does_its_chores_while_it_waits():
               (failing, fails), (late, lambda: done.append("late"))]
     key = ("tinygrad", TINY, "float32", backends.get("tinygrad").devices()[0], "model")
     with deadline(300), workers.Offload([(key[0], [key[1:]])], chores) as offload:
+        assert offload.processes == 1
         offload.forget(late)  # asked for before its chore was done: computed there, never here
         run = offload.take(key)  # the worker spawns, imports tinygrad and compiles: seconds, every chore done
         assert done == ["first"] and run.grads
@@ -228,8 +229,9 @@ def test_the_main_process_does_its_chores_while_it_waits():
 
 def test_a_suite_with_a_large_case_leaves_the_workers_small_training_runs_to_the_main_process(monkeypatch):
     """The worker is the longer process when gpt2's runs are its own: its small training runs become chores the
-    main process may do while it waits for the worker's large runs, and the float64 reference's gpt2 training
-    run one that it takes when the suite reaches it. Without a large case, they stay with the worker."""
+    main process may do while it waits for the worker's large runs, and so do the gpt2 training runs of the float64
+    reference and then of the other backends, where the machine has the memory. Without a large case, the small
+    ones stay with the worker."""
     from gptspec.conformance.trajectory import trajectory_cases
 
     tiny, gpt2 = (next(c for c in trajectory_cases() if c.id.startswith(p)) for p in ("test-tiny/", "gpt2/"))
@@ -243,16 +245,23 @@ def test_a_suite_with_a_large_case_leaves_the_workers_small_training_runs_to_the
 
     monkeypatch.setattr(workers, "Offload", Recorded)
     training = [(tiny, "float32"), (gpt2, "float32")]
+    others = [b for b in ("torch", "mlx") if b in backends.available()]  # trained in the main process
     with pytest.raises(KeyboardInterrupt):
-        runner.run(["tinygrad"], [TINY, big], ["float32"], worker_processes=1, training=training)
+        runner.run(["tinygrad", *others], [TINY, big], ["float32"], worker_processes=1, training=training)
     dev = backends.get("tinygrad").devices()[0]
     (name, plan), = made["plans"]
     assert [item[0] for item in plan] == [TINY, big]  # the model runs only
     keyed = [(c[0], len(c) > 2 and c[2]) for c in made["chores"] if c[0] is not None]
     assert keyed == [(("tinygrad", gpt2, "float32", dev, "trajectory"), False),  # too large to run beside gpt2's
                      (("tinygrad", tiny, "float32", dev, "trajectory"), True),
-                     (("reference", gpt2, "float32"), True)]
+                     (("reference", gpt2, "float32"), True),  # then the others' gpt2 runs, from its inputs
+                     *(((b, gpt2, "float32", backends.get(b).devices()[0], "trajectory"), True) for b in others)]
     assert made["chores_while"](("tinygrad", TINY)) and not made["chores_while"](("tinygrad", big))
+    # on a machine with less memory the large training runs wait for their turn in the suite
+    monkeypatch.setattr(runner, "_memory_bytes", lambda: runner.BESIDE_TRAINING_MEMORY - 1)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad", *others], [TINY, big], ["float32"], worker_processes=1, training=training)
+    assert [c[0] for c in made["chores"] if c[0] is not None] == [keyed[0][0], keyed[1][0]]
     with pytest.raises(KeyboardInterrupt):
         runner.run(["tinygrad"], [TINY], ["float32"], worker_processes=1, training=training[:1])
     (name, plan), = made["plans"]
@@ -261,7 +270,7 @@ def test_a_suite_with_a_large_case_leaves_the_workers_small_training_runs_to_the
 
 
 def test_a_worker_run_computes_on_one_core(monkeypatch):
-    """workers.compute (the worker's runs, and the main process's chores of them) runs inside Backend.one_core;
+    """workers.compute (the worker's runs, and the main process's chores of them) runs inside Backend.threads(1);
     tinygrad's turns its parallel kernel generation off there (a chore's pool took the worker's core)."""
     from tinygrad.helpers import PARALLEL
 
@@ -271,6 +280,48 @@ def test_a_worker_run_computes_on_one_core(monkeypatch):
     before = PARALLEL.value
     workers.compute(tg, TINY, "float32", "CPU", "model", {})
     assert seen == [0] and PARALLEL.value == before
+
+
+def test_the_main_process_leaves_the_workers_their_cores(monkeypatch):
+    """While worker processes run, the main process's BLAS libraries and backends keep to the cores the workers
+    leave (at least one), and get their own back after; without workers nothing changes. run() enters it with
+    the number of worker processes its plans started."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import torch
+
+    def blas_threads():
+        return {d["filepath"]: d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"}
+
+    cores = len(os.sched_getaffinity(0))
+    left = max(1, cores - 1)
+    before, torch_before = blas_threads(), torch.get_num_threads()
+    assert before, "numpy's BLAS is not seen"
+    with workers.sharing_cores(0, [backends.get("torch")]):
+        assert blas_threads() == before and torch.get_num_threads() == torch_before
+    with workers.sharing_cores(1, [backends.get("torch")]):
+        assert all(n <= left for n in blas_threads().values())  # 2 cores: numpy's OpenBLAS, 2 threads -> 1
+        assert torch.get_num_threads() == min(left, torch_before)
+    assert blas_threads() == before and torch.get_num_threads() == torch_before
+
+    seen = []
+
+    class Recorded(workers.Offload):
+        processes = 1
+
+        def __init__(self, plans, chores, chores_while):
+            super().__init__([], chores, chores_while)
+
+    @contextmanager
+    def sharing(busy, resolved):
+        seen.append((busy, [b.name for b in resolved]))
+        raise KeyboardInterrupt  # entered: enough
+        yield
+
+    monkeypatch.setattr(workers, "Offload", Recorded)
+    monkeypatch.setattr(workers, "sharing_cores", sharing)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad", "torch"], [TINY], ["float32"], worker_processes=1)
+    assert seen == [(1, ["tinygrad", "torch"])]
 
 
 def test_the_worker_queues_small_runs_and_waits_behind_a_large_one(monkeypatch):

@@ -69,3 +69,27 @@ def test_a_nan_or_inf_on_either_side_is_named(where, bad, ref_is_zero):
 def test_the_same_inf_on_both_sides_is_still_named():
     x = np.array([np.inf, 1.0])
     assert compare(x, x.copy(), **FIELDS).note == "Inf in backend"
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_changes_are_compared_as_the_whole_differences_would_be(transposed):
+    """since=(x0, ref0) compares x - x0 with ref - ref0 (the training checks' weight changes), formed block by
+    block in float64; keep leaves out the other elements. Oracle: the whole float64 differences, masked."""
+    rng = np.random.default_rng(2)
+    shape = (3 * ERROR_BLOCK // 512 + 7, 512)  # several blocks of rows, a ragged last one
+    start = rng.standard_normal(shape).astype(np.float32)  # the float32 start both sides move from
+    ref = start + 1e-3 * rng.standard_normal(shape)  # float64, as the reference's state
+    x = (ref + 1e-8 * rng.standard_normal(shape)).astype(np.float32)
+    if transposed:  # each in its own layout: a view of the start, a row-major reference, a column-major state
+        start, ref, x = start.T, np.ascontiguousarray(ref.T), np.asfortranarray(x.T)
+    keep = rng.random(start.shape) > 0.3
+    x[~keep] = np.nan  # never seen: the dropped elements count as zero on both sides
+    want = oracle(np.where(keep, x.astype(np.float64) - start, 0), np.where(keep, ref - start, 0))
+    got = errors(x, ref, since=(start, start), keep=keep)
+    assert got[1:] == want[1:] and got[0] == pytest.approx(want[0], rel=1e-13)
+    assert errors(x[keep], ref[keep]) != got  # the changes, not the weights
+    check = compare(x, ref, since=(start, start), keep=keep, **FIELDS)
+    assert check.ok is (got[0] <= check.bound_l2 and got[1] <= check.bound_max) and check.note == ""
+    x.flat[np.flatnonzero(keep)[-1]] = np.inf  # now a kept one: named as what it is, not as a dropped NaN
+    check = compare(x, ref, since=(start, start), keep=keep, **FIELDS)
+    assert check.note == "Inf in backend" and not check.ok

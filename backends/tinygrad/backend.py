@@ -241,9 +241,10 @@ class TinygradBackend(Backend):
         resolve_device(device)
         return DTYPES  # what a renderer lacks, tinygrad emulates (bf16 on CPU: see ensure_bfloat16)
 
-    def one_core(self):
-        # tinygrad generates a schedule's new kernels in a pool of processes, one per core (its PARALLEL)
-        return Context(PARALLEL=0)
+    def threads(self, n: int):
+        # tinygrad's CPU kernels run on one core; it generates a schedule's new kernels in a pool of processes,
+        # one per core (its PARALLEL), and PARALLEL=0 generates them in this process
+        return Context(PARALLEL=0 if n <= 1 else n)
 
     def _device(self, device) -> str:
         return resolve_device(device)

@@ -49,12 +49,13 @@ def _copied(array: np.ndarray, dtype: torch.dtype, dev) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Loading's copies and casts are memory-bound: torch's intra-op threads add little to them, and on a
-    machine whose cores are busy they wait on one another (2 shared cores, casting gpt2 to bfloat16: 0.45 s
-    of CPU with torch's default 2 threads, 0.15 s with 1). Restored after, as ieee_float32 does."""
+def _threads(n: int = 1):
+    """torch's intra-op threads kept to `n`, restored after (as ieee_float32 does). Loading's copies and casts
+    are memory-bound: threads add little to them, and on a machine whose cores are busy they wait on one
+    another (2 shared cores, casting gpt2 to bfloat16: 0.45 s of CPU with torch's default 2 threads, 0.15 s
+    with 1)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(min(n, previous))
     try:
         yield
     finally:
@@ -152,6 +153,9 @@ class TorchBackend(Backend):
     def _device(self, device) -> torch.device:
         return resolve_device(device)
 
+    def threads(self, n: int):
+        return _threads(n)
+
     def _new_model(self, spec, dev) -> torch.nn.Module:
         with torch.device("meta"), _MetaInitSkipped():
             return self.model_class(spec)(spec)  # no memory, no init: every tensor is replaced in _assign
@@ -165,7 +169,7 @@ class TorchBackend(Backend):
         # never writes into) the caller's arrays or the file, and a mapped checkpoint's source
         # (weights/format.py MappedTensors) is dropped, so unmapped, before the next one is read.
         state = {}
-        with _one_thread():
+        with _threads(1):
             for name in params:
                 state[name] = _file_pages(params, name, _DTYPES[dtype], dev)
                 if state[name] is None:
