@@ -205,7 +205,8 @@ class GPT(LanguageModel):
         CPU is ~6x slower than along the rows of a transposed copy: the product reads such a copy there (the
         same values, bit for bit; gpt2's forward and backward of the head, one core: 2.4 s -> 0.8 s)."""
         w = self.wte.weight.T
-        if backward and w.device.split(":")[0] == "CPU":
+        devices = w.device if isinstance(w.device, tuple) else (w.device,)  # a tuple: sharded over devices
+        if backward and all(d.split(":")[0] == "CPU" for d in devices):
             w = w.contiguous()
         return _norm(self.ln_f, x) @ w
 
