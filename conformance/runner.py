@@ -376,7 +376,8 @@ def run(
     memory = _memory_bytes()
     if waits_for_large and (memory is None or memory >= BESIDE_TRAINING_MEMORY):
         beside += [(("reference", case, precision), partial(reference_trajectory, case, precision), True)
-                   for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS]
+                   for case, precision in training if _large(case) and case.spec.n_params <= AHEAD_PARAMS
+                   and _trains(case, precision)]
         beside += [((b.name, *item), partial(trajectory_from_reference, b, *item[:3]), True)
                    for b in resolved if b not in offloaded for item in _training_plan(b, training, device, ahead=True)]
     chores = [(None, partial(conditioning, case), not _large(case))
@@ -424,6 +425,11 @@ def _plan(backend: Backend, cases: list[Case], dtypes: list[str], device: str | 
     return plan + _training_plan(backend, training, device)
 
 
+def _trains(case, precision: str) -> bool:
+    """Whether run_trajectory trains `case` in `precision` on this machine (else its rows say why not)."""
+    return not memory_gap(case.model_case) and precision in case.precisions
+
+
 def _large(case) -> bool:
     """Whether a case (a model or training case) is beyond what a worker trains (WORKER_TRAINING_PARAMS)."""
     return case.spec.n_params > WORKER_TRAINING_PARAMS
@@ -438,8 +444,8 @@ def _training_plan(backend: Backend, training: Iterable[tuple], device: str | No
     dev = device or backend.devices()[0]
     plan = []
     for case, precision in training:
-        if (memory_gap(case.model_case) or precision not in case.precisions or backend.unsupported(case.spec)
-                or not trains(backend) or case.spec.loss == "early_exit"):
+        if (not _trains(case, precision) or backend.unsupported(case.spec) or not trains(backend)
+                or case.spec.loss == "early_exit"):
             continue
         size = case.spec.n_params
         if (WORKER_TRAINING_PARAMS < size <= AHEAD_PARAMS) if ahead else size <= WORKER_TRAINING_PARAMS:

@@ -257,6 +257,12 @@ def test_a_suite_with_a_large_case_leaves_the_workers_small_training_runs_to_the
                      (("reference", gpt2, "float32"), True),  # then the others' gpt2 runs, from its inputs
                      *(((b, gpt2, "float32", backends.get(b).devices()[0], "trajectory"), True) for b in others)]
     assert made["chores_while"](("tinygrad", TINY)) and not made["chores_while"](("tinygrad", big))
+    # a precision the case does not run in trains nothing: no large run is planned for it
+    assert "mixed_bfloat16" not in gpt2.precisions
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["tinygrad", *others], [TINY, big], ["float32"], worker_processes=1,
+                   training=[(gpt2, "mixed_bfloat16")])
+    assert [c for c in made["chores"] if c[0] is not None] == []
     # on a machine with less memory the large training runs wait for their turn in the suite
     monkeypatch.setattr(runner, "_memory_bytes", lambda: runner.BESIDE_TRAINING_MEMORY - 1)
     with pytest.raises(KeyboardInterrupt):

@@ -49,7 +49,7 @@ def _copied(array: np.ndarray, dtype: torch.dtype, dev) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _threads(n: int = 1):
+def _threads(n: int):
     """torch's intra-op threads kept to `n`, restored after (as ieee_float32 does). Loading's copies and casts
     are memory-bound: threads add little to them, and on a machine whose cores are busy they wait on one
     another (2 shared cores, casting gpt2 to bfloat16: 0.45 s of CPU with torch's default 2 threads, 0.15 s
